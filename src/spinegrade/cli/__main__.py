@@ -1,0 +1,5 @@
+import sys
+
+from spinegrade.cli import main
+
+sys.exit(main())

@@ -1,0 +1,392 @@
+"""The typed configuration tree: YAML files plus ``section.key=value`` overrides.
+
+One frozen dataclass per section. A YAML file may name a parent with ``base: other.yaml``
+(resolved relative to the file); its keys then override the parent's. Unknown keys and
+values of the wrong type raise :class:`ConfigError` naming the key and what was expected.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from spinegrade.constants import CLASS_WEIGHTS, CONDITIONS, CORAL_PRIOR_LOGITS, PRIOR_LOGITS
+
+PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which labels to use and how DICOM slices become crops (the cache key)."""
+
+    condition: str = "spinal_canal_stenosis"
+    img_size: int = 224
+    n_slices: int = 7
+    # Crop half-width in native pixels = crop_radius_scale * img_size ...
+    crop_radius_scale: float = 0.75
+    # ... unless crop_radius_mm > 0, then the half-width is this many mm (via PixelSpacing).
+    crop_radius_mm: float = 0.0
+    # "fixed": the seed's CT-style windows; "percentile": per-slice intensity percentiles.
+    window_preset: str = "fixed"
+    soft_window: tuple[float, float] = (50.0, 350.0)  # (center, width)
+    bone_window: tuple[float, float] = (400.0, 2000.0)
+    # Percentile windows (low, high) for the "percentile" preset's first two channels.
+    percentile_windows: tuple[tuple[float, float], ...] = ((1.0, 99.0), (5.0, 99.8))
+    # Used for the third channel when a file carries no WindowCenter/WindowWidth.
+    file_window_fallback: tuple[float, float] = (0.5, 99.5)
+    clahe_clip_limit: float = 2.0
+    clahe_tile_grid: int = 8
+    folds: int = 5
+    fold: int = 0
+    num_workers: int = 2
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Network architecture; the model factory turns this into explicit arguments."""
+
+    backbone: str = "tf_efficientnetv2_s"
+    pretrained: bool = True
+    pretrained_path: str = ""
+    # "slices": shared 2D backbone over each slice (v4-v6, v8); "channels": 2.5D stem (v7).
+    input_mode: str = "slices"
+    # softmax_weights (v8) | bilstm_attn_mean (v4) | bigru_attn (v5/v6) | attention_mil
+    # | bilstm_attention (1st place RSNA 2024) | none (v7: slices are channels)
+    aggregator: str = "softmax_weights"
+    aggregator_hidden: int = 256
+    centre_weight_init: float = 1.0
+    # embedding (v8, concatenated) | film (v5/v6) | none
+    level_conditioning: str = "embedding"
+    level_embed_dim: int = 256
+    # softmax (3 logits) | coral (2 ordinal logits)
+    head: str = "softmax"
+    head_hidden: int = 0
+    dropout: float = 0.3
+    drop_path_rate: float = 0.0
+    # fixed: prior_logits / coral_prior_logits; log_prior: from the training labels; zero.
+    bias_init: str = "fixed"
+    prior_logits: tuple[float, ...] = PRIOR_LOGITS
+    coral_prior_logits: tuple[float, ...] = CORAL_PRIOR_LOGITS
+    # v4: auxiliary heads (level and centre-slice-offset prediction).
+    aux_heads: bool = False
+    grad_checkpointing: bool = False
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """Training objective."""
+
+    # weighted_ce | coral_ce (v6) | focal_ordinal (v7)
+    name: str = "weighted_ce"
+    class_weights: tuple[float, ...] = CLASS_WEIGHTS
+    use_class_weights: bool = True
+    # 0 disables focal modulation; the plan's optional value is 1.5.
+    focal_gamma: float = 0.0
+    aux_weight: float = 0.0
+    ordinal_weight: float = 0.0
+    label_smoothing: float = 0.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation schedule, sampling, augmentation and run-time settings."""
+
+    epochs: int = 25
+    batch_size: int = 16
+    freeze_epochs: int = 2
+    frozen_head_lr: float = 3e-4
+    backbone_lr: float = 1e-5
+    head_lr: float = 1e-4
+    min_lr: float = 1e-6
+    weight_decay: float = 1e-2
+    grad_clip: float = 1.0
+    swa: bool = True
+    swa_start_epoch: int = 20  # 1-based; SWA averages epochs swa_start_epoch..epochs
+    # shuffle (v8) | weighted (WeightedRandomSampler, v4-v6)
+    sampler: str = "shuffle"
+    mixup_alpha: float = 0.0
+    augment: bool = True
+    aug_rotate_deg: float = 10.0
+    aug_shift: float = 0.05
+    aug_scale: tuple[float, float] = (0.9, 1.1)
+    aug_brightness: float = 0.1
+    aug_gamma: float = 0.1
+    # Shift the centre slice by up to this many slices, to match stage-1 localizer error.
+    slice_jitter: int = 0
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 42
+    deterministic: bool = False
+    device: str = "auto"
+    select_metric: str = "balanced_accuracy"
+    # warn | reset_bias | stop, after dead_class_patience consecutive dead epochs.
+    dead_class_action: str = "warn"
+    dead_class_patience: int = 2
+    log_every: int = 20
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """Evaluation, TTA and the health table's thresholds."""
+
+    batch_size: int = 32
+    tta: bool = True
+    tta_brightness: tuple[float, ...] = (0.9, 1.1)
+    tta_scales: tuple[float, ...] = (0.9, 1.1)
+    min_recall: float = 0.30
+    min_recall_by_epoch: int = 3
+    ba_spread_max: float = 0.03
+    ba_spread_window: int = 5
+    normal_recall_range: tuple[float, float] = (0.75, 0.85)
+    normal_recall_alarm: float = 0.90
+    loss_gap_max: float = 0.05
+    loss_gap_alarm: float = 0.10
+    minority_recall_target: float = 0.50
+    minority_recall_alarm: float = 0.30
+
+
+@dataclass(frozen=True)
+class LocalizerConfig:
+    """Stage-1 localizer: which slice and which (x, y) for each level."""
+
+    backbone: str = "resnet18"
+    pretrained: bool = True
+    pretrained_path: str = ""
+    img_size: int = 256
+    n_context_slices: int = 3
+    heatmap_stride: int = 4
+    heatmap_sigma: float = 2.0
+    epochs: int = 20
+    batch_size: int = 8
+    lr: float = 3e-4
+    weight_decay: float = 1e-4
+
+
+@dataclass(frozen=True)
+class PredictConfig:
+    """Inference on new studies."""
+
+    batch_size: int = 32
+    tta: bool = True
+    # Levels that cannot be located, and conditions without a classifier, get the priors.
+    fallback: str = "prior"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole tree; saved as ``config.yaml`` in every output folder."""
+
+    name: str = "v8"
+    description: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    localizer: LocalizerConfig = field(default_factory=LocalizerConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
+
+
+# Allowed values of the string options; checked when a config is built.
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.condition": CONDITIONS,
+    "data.window_preset": ("fixed", "percentile"),
+    "model.input_mode": ("slices", "channels"),
+    "model.aggregator": (
+        "softmax_weights", "bilstm_attn_mean", "bigru_attn", "attention_mil",
+        "bilstm_attention", "none",
+    ),
+    "model.level_conditioning": ("embedding", "film", "none"),
+    "model.head": ("softmax", "coral"),
+    "model.bias_init": ("fixed", "log_prior", "zero"),
+    "loss.name": ("weighted_ce", "coral_ce", "focal_ordinal"),
+    "train.sampler": ("shuffle", "weighted"),
+    "train.dead_class_action": ("warn", "reset_bias", "stop"),
+    "predict.fallback": ("prior",),
+}
+
+# --- loading ---------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples, ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _build(cls: type, values: dict[str, Any], where: str) -> Any:
+    """Instantiate dataclass ``cls`` from a plain dict, validating every key."""
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where or 'config'}: expected a mapping, got {values!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            raise ConfigError(f"unknown key '{path}'.{hint} Valid keys: {', '.join(names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            kwargs[key] = _build(tp, value or {}, path)
+        else:
+            kwargs[key] = _coerce(value, tp, path)
+            if path in CHOICES and kwargs[key] not in CHOICES[path]:
+                raise ConfigError(
+                    f"{path}: '{kwargs[key]}' is not one of: {', '.join(CHOICES[path])}"
+                )
+    return cls(**kwargs)
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def resolve_config_path(path: str | Path) -> Path:
+    """Find a config by path, or by bare name (``v8``) among the packaged configs."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    for cand in (PACKAGE_CONFIG_DIR / p.name, PACKAGE_CONFIG_DIR / f"{p.name}.yaml"):
+        if cand.is_file():
+            return cand
+    known = ", ".join(sorted(q.stem for q in PACKAGE_CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config file not found: {path}. Packaged configs: {known}")
+
+
+def _read_yaml_tree(path: Path, seen: tuple[Path, ...] = ()) -> dict:
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"config inheritance loop: {' -> '.join(map(str, seen + (path,)))}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    parent = resolve_config_path(path.parent / base if not Path(base).is_absolute() else base)
+    return _deep_merge(_read_yaml_tree(parent, seen + (path,)), raw)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``section.key=value``; the value is parsed as YAML (``1e-4``, ``[1, 2]``, ``true``)."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    # YAML reads 1e-4 as a string (no dot); numbers are what the user meant.
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            pass
+    return key.strip().split("."), value
+
+
+def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Build a :class:`Config` from a nested dict plus ``section.key=value`` overrides."""
+    tree = dict(tree)
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = tree
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{text}': '{k}' is not a section")
+        node[keys[-1]] = value
+    return _build(Config, tree, "")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load a YAML config (default: the packaged v8) and apply overrides."""
+    tree = _read_yaml_tree(resolve_config_path(path or "v8"))
+    return config_from_dict(tree, overrides)
+
+
+def config_to_dict(cfg: Config) -> dict:
+    """Plain nested dict (tuples as lists) suitable for YAML or JSON."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, tuple | list):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def config_to_yaml(cfg: Config) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
+
+
+def save_config(cfg: Config, out_dir: str | Path) -> Path:
+    """Write ``config.yaml`` into ``out_dir`` atomically and return its path."""
+    from spinegrade.io.atomic import atomic_write_text
+
+    path = Path(out_dir) / "config.yaml"
+    atomic_write_text(path, config_to_yaml(cfg))
+    return path

@@ -1,0 +1,1 @@
+"""File-level I/O: DICOM series reading and atomic writes. No torch, no training code."""
