@@ -47,6 +47,9 @@ class DataConfig:
     file_window_fallback: tuple[float, float] = (0.5, 99.5)
     clahe_clip_limit: float = 2.0
     clahe_tile_grid: int = 8
+    # cv2 interpolation for crop -> img_size: "area" (INTER_AREA, anti-aliased when shrinking,
+    # the usual case: 336 native px -> 224) or "linear" (INTER_LINEAR).
+    resize_interpolation: str = "area"
     folds: int = 5
     fold: int = 0
     num_workers: int = 2
@@ -202,6 +205,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.condition": CONDITIONS,
     "data.window_preset": ("fixed", "percentile"),
+    "data.resize_interpolation": ("area", "linear"),
     "model.input_mode": ("slices", "channels"),
     "model.aggregator": (
         "softmax_weights", "bilstm_attn_mean", "bigru_attn", "attention_mil",

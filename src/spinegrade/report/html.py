@@ -1,0 +1,166 @@
+"""A single self-contained ``report.html`` for a run folder (figures embedded as base64)."""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spinegrade.constants import CLASS_NAMES, SEVERITIES
+from spinegrade.io.atomic import atomic_write_text
+from spinegrade.report import plots
+
+CSS = """
+body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;
+max-width:1100px;color:#222}
+h1{margin-bottom:0}.sub{color:#666;margin-top:4px}
+.cards{display:flex;gap:12px;flex-wrap:wrap;margin:16px 0}
+.card{border:1px solid #ddd;border-radius:8px;padding:10px 14px;min-width:150px}
+.card b{display:block;font-size:1.5em}
+table{border-collapse:collapse;font-size:13px;margin:8px 0}
+td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
+th{background:#f4f4f4}td.l{text-align:left}
+.figs{display:flex;flex-wrap:wrap;gap:10px}.figs img{max-width:540px;border:1px solid #eee}
+.alarm{color:#b00020;font-weight:bold}
+"""
+
+
+def _img(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
+
+
+def _table(df: pd.DataFrame, status_col: str | None = None) -> str:
+    head = "".join(f"<th>{html.escape(str(c))}</th>" for c in df.columns)
+    rows = []
+    for _, r in df.iterrows():
+        style = ""
+        if status_col and status_col in r:
+            colour = plots.STATUS_COLOURS.get(str(r[status_col]).lower(), "")
+            style = f' style="background:{colour}"' if colour else ""
+        cells = "".join(
+            f'<td class="l">{html.escape(str(v))}</td>' if isinstance(v, str)
+            else f"<td>{v:.4g}</td>" if isinstance(v, float) else f"<td>{html.escape(str(v))}</td>"
+            for v in r.values
+        )
+        rows.append(f"<tr{style}>{cells}</tr>")
+    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+
+
+def _read_json(path: Path):
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _figures(run: Path, metrics: pd.DataFrame | None, evaluation: dict | None) -> list[Path]:
+    """Write every figure the run's files allow into ``run/plots`` and return their paths."""
+    out = run / "plots"
+    out.mkdir(exist_ok=True)
+    figs: list[Path] = []
+    if metrics is not None and len(metrics):
+        figs.append(plots.plot_losses(metrics, out / "loss.png"))
+        figs.append(plots.plot_recall(metrics, out / "recall.png"))
+        if "confusion_matrix" in metrics:
+            best = _best_row(metrics)
+            cm = json.loads(metrics.loc[best, "confusion_matrix"])
+            epoch = int(metrics.loc[best, "epoch"])
+            figs.append(plots.plot_confusion(cm, out / "confusion_best.png",
+                                             f"validation, best epoch ({epoch})"))
+        if "slice_weights" in metrics:
+            w = [x for x in plots.parse_json_column(metrics["slice_weights"]) if x]
+            if w:
+                figs.append(plots.plot_slice_weights(w, out / "slice_weights.png"))
+    if evaluation:
+        tta = "with TTA" if evaluation.get("tta") else "no TTA"
+        figs.append(plots.plot_confusion(evaluation["confusion_matrix"],
+                                         out / "confusion_eval.png", f"evaluate ({tta})"))
+        if evaluation.get("per_level_recall"):
+            figs.append(plots.plot_per_level_recall(evaluation["per_level_recall"],
+                                                    out / "per_level_recall.png"))
+    return figs
+
+
+def _best_row(metrics: pd.DataFrame) -> int:
+    col = "balanced_accuracy" if "balanced_accuracy" in metrics else metrics.columns[-1]
+    return int(metrics[col].astype(float).idxmax())
+
+
+def _cards(metrics: pd.DataFrame | None, evaluation: dict | None) -> str:
+    cards = []
+    if metrics is not None and len(metrics) and "balanced_accuracy" in metrics:
+        best = _best_row(metrics)
+        cards.append(("best val BA", f"{metrics.loc[best, 'balanced_accuracy']:.3f}",
+                      f"epoch {int(metrics.loc[best, 'epoch'])}"))
+        last = metrics.iloc[-1]
+        cards.append(("last val BA", f"{last['balanced_accuracy']:.3f}",
+                      f"epoch {int(last['epoch'])}"))
+        if "weighted_logloss" in metrics:
+            cards.append(("val weighted log loss", f"{last['weighted_logloss']:.3f}", "last epoch"))
+        dead = [str(d) for d in metrics.get("dead_classes", pd.Series(dtype=str)).fillna("")
+                if str(d) not in ("", "[]", "nan")]
+        cards.append(("dead-class epochs", str(len(dead)), "alarm" if dead else "none"))
+    if evaluation:
+        cards.append(("evaluate BA", f"{evaluation['balanced_accuracy']:.3f}",
+                      f"{evaluation.get('n_samples', '?')} samples"))
+        if "competition_score" in evaluation:
+            cards.append(("competition score", f"{evaluation['competition_score']:.4f}", "lower is better"))
+    return "".join(f'<div class="card">{html.escape(t)}<b>{v}</b>{html.escape(s)}</div>'
+                   for t, v, s in cards)
+
+
+def _metrics_table(metrics: pd.DataFrame) -> str:
+    keep = [c for c in ("epoch", "phase", "train_loss", "val_loss", "balanced_accuracy")
+            if c in metrics]
+    keep += [f"recall_{n}" for n in CLASS_NAMES if f"recall_{n}" in metrics]
+    keep += [f"pred_count_{n}" for n in CLASS_NAMES if f"pred_count_{n}" in metrics]
+    keep += [c for c in ("weighted_logloss", "dead_classes", "seconds") if c in metrics]
+    return _table(metrics[keep])
+
+
+def _health_html(health) -> str:
+    if not health:
+        return "<p>No health table recorded.</p>"
+    rows = health.get("items", health) if isinstance(health, dict) else health
+    df = pd.DataFrame(rows)
+    status = next((c for c in ("status", "result", "state") if c in df), None)
+    return _table(df, status)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    """Make the run's figures and gather them, with its tables, into ``run_dir/report.html``.
+
+    Reads what the run folder holds (config.yaml, metrics.csv, health.json, eval/metrics.json);
+    sections whose files are missing are left out.
+    """
+    run = Path(run_dir)
+    metrics = pd.read_csv(run / "metrics.csv") if (run / "metrics.csv").is_file() else None
+    evaluation = _read_json(run / "eval" / "metrics.json")
+    health = _read_json(run / "health.json")
+    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    figs = _figures(run, metrics, evaluation)
+
+    parts = [f"<h1>spinegrade run: {html.escape(run.name)}</h1>",
+             f'<p class="sub">{html.escape(str(run.resolve()))}</p>',
+             f'<div class="cards">{_cards(metrics, evaluation)}</div>',
+             "<h2>Health table</h2>", _health_html(health),
+             "<h2>Figures</h2>", '<div class="figs">', *(_img(f) for f in figs), "</div>"]
+    if metrics is not None and len(metrics):
+        parts += ["<h2>Per-epoch validation metrics</h2>", _metrics_table(metrics)]
+    if evaluation:
+        recall = evaluation.get("recall", {})
+        rec = ", ".join(f"{s}: {recall.get(n, np.nan):.3f}" for n, s in zip(CLASS_NAMES, SEVERITIES))
+        parts += ["<h2>Evaluation</h2>",
+                  f"<p>balanced accuracy {evaluation['balanced_accuracy']:.4f}; recall {rec}; "
+                  f"weighted log loss {evaluation.get('weighted_logloss', float('nan')):.4f}</p>"]
+    if config_text:
+        parts += ["<h2>Resolved config</h2>",
+                  f"<details><summary>config.yaml</summary><pre>{html.escape(config_text)}</pre>"
+                  "</details>"]
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}"
+            f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
+    out = run / "report.html"
+    atomic_write_text(out, page)
+    return out
