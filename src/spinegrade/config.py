@@ -68,7 +68,11 @@ class ModelConfig:
     # | bilstm_attention (1st place RSNA 2024) | none (v7: slices are channels)
     aggregator: str = "softmax_weights"
     aggregator_hidden: int = 256
+    # Self-attention heads of the v4 aggregator (bilstm_attn_mean).
+    aggregator_heads: int = 4
     centre_weight_init: float = 1.0
+    # input_mode=channels: each slice's channel is its "first" window or the "mean" of the 3.
+    slice_channel: str = "mean"
     # embedding (v8, concatenated) | film (v5/v6) | none
     level_conditioning: str = "embedding"
     level_embed_dim: int = 256
@@ -166,14 +170,37 @@ class LocalizerConfig:
     backbone: str = "resnet18"
     pretrained: bool = True
     pretrained_path: str = ""
+    # Series types to localise (SERIES_DESCRIPTIONS); each gets its own heatmap network with
+    # one channel per (condition, level) that CONDITION_SERIES assigns to it.
+    series: tuple[str, ...] = ("Sagittal T2/STIR", "Sagittal T1", "Axial T2")
     img_size: int = 256
     n_context_slices: int = 3
+    # Per-series intensity percentiles mapped to [0, 1] before the network.
+    intensity_percentiles: tuple[float, float] = (0.5, 99.5)
     heatmap_stride: int = 4
-    heatmap_sigma: float = 2.0
+    heatmap_sigma: float = 2.0  # in heatmap cells
+    max_stride: int = 32
+    decoder_channels: int = 64
+    # Training slices per series: labelled slices +- neighbour_radius (hard negatives) plus
+    # random_negatives other slices drawn afresh each epoch.
+    neighbour_radius: int = 2
+    random_negatives: int = 2
+    augment: bool = True
+    aug_rotate_deg: float = 8.0
+    aug_scale: tuple[float, float] = (0.9, 1.1)
+    aug_shift: float = 0.06
     epochs: int = 20
     batch_size: int = 8
     lr: float = 3e-4
+    min_lr: float = 1e-6
     weight_decay: float = 1e-4
+    val_fraction: float = 0.2
+    seed: int = 42
+    device: str = "auto"
+    # Soft-argmax window half-width (heatmap cells) around the peak.
+    refine_radius: int = 2
+    # A keypoint whose best peak (sigmoid) is below this is reported as not located.
+    min_score: float = 0.05
 
 
 @dataclass(frozen=True)
@@ -184,6 +211,11 @@ class PredictConfig:
     tta: bool = True
     # Levels that cannot be located, and conditions without a classifier, get the priors.
     fallback: str = "prior"
+    # Classifier checkpoint to use from each run folder (best | last | swa; falls back to
+    # the others in that order when absent).
+    checkpoint: str = "best"
+    device: str = "auto"
+    figures: bool = True
 
 
 @dataclass(frozen=True)
@@ -212,12 +244,14 @@ CHOICES: dict[str, tuple[str, ...]] = {
         "bilstm_attention", "none",
     ),
     "model.level_conditioning": ("embedding", "film", "none"),
+    "model.slice_channel": ("first", "mean"),
     "model.head": ("softmax", "coral"),
     "model.bias_init": ("fixed", "log_prior", "zero"),
     "loss.name": ("weighted_ce", "coral_ce", "focal_ordinal"),
     "train.sampler": ("shuffle", "weighted"),
     "train.dead_class_action": ("warn", "reset_bias", "stop"),
     "predict.fallback": ("prior",),
+    "predict.checkpoint": ("best", "last", "swa"),
 }
 
 # --- loading ---------------------------------------------------------------------------------
@@ -363,9 +397,26 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
     return _build(Config, tree, "")
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
-    """Load a YAML config (default: the packaged v8) and apply overrides."""
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    preset: str | Path | None = None,
+) -> Config:
+    """Load a YAML config (default: the packaged v8) and apply overrides.
+
+    Args:
+        path: config file or packaged config name.
+        overrides: ``section.key=value`` strings, applied last.
+        preset: optional YAML file whose keys are laid over the config before the
+            overrides (e.g. ``ablate-demo.yaml`` shrinks every version to CPU size);
+            its ``name`` and ``description`` are ignored.
+    """
     tree = _read_yaml_tree(resolve_config_path(path or "v8"))
+    if preset is not None:
+        extra = _read_yaml_tree(resolve_config_path(preset))
+        extra.pop("name", None)
+        extra.pop("description", None)
+        tree = _deep_merge(tree, extra)
     return config_from_dict(tree, overrides)
 
 

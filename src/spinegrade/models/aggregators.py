@@ -56,7 +56,8 @@ class AttentionPool(nn.Module):
         self.out_features = num_features
         self.attn_v = nn.Linear(num_features, hidden)
         self.attn_u = nn.Linear(num_features, hidden) if gated else None
-        self.attn_w = nn.Linear(hidden, 1)
+        # No bias: softmax over slices ignores a constant shift, so it would never learn.
+        self.attn_w = nn.Linear(hidden, 1, bias=False)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = torch.tanh(self.attn_v(x))

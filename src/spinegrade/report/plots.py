@@ -25,7 +25,7 @@ STATUS_COLOURS = {"pass": "#d4edda", "warn": "#fff3cd", "alarm": "#f8d7da", "fai
                   "n/a": "#eeeeee", "pending": "#eeeeee"}
 
 
-def _save(fig: plt.Figure, path: str | Path) -> Path:
+def save_figure(fig: plt.Figure, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path, suffix=".png") as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
@@ -58,7 +58,7 @@ def plot_losses(metrics: pd.DataFrame, path: str | Path) -> Path:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_recall(metrics: pd.DataFrame, path: str | Path, targets: Sequence[float] = (0.5, 0.3)
@@ -80,7 +80,7 @@ def plot_recall(metrics: pd.DataFrame, path: str | Path, targets: Sequence[float
     ax.set_ylabel("recall")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_confusion(cm: Sequence[Sequence[int]], path: str | Path, title: str = "") -> Path:
@@ -100,7 +100,7 @@ def plot_confusion(cm: Sequence[Sequence[int]], path: str | Path, title: str = "
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title or "confusion matrix", fontsize=10)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_slice_weights(weights_per_epoch: Sequence[Sequence[float]], path: str | Path) -> Path:
@@ -116,7 +116,7 @@ def plot_slice_weights(weights_per_epoch: Sequence[Sequence[float]], path: str |
     ax2.set_xlabel("epoch")
     ax2.set_ylabel("slice offset")
     fig.colorbar(im, ax=ax2, fraction=0.05)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_per_level_recall(per_level: dict[str, dict[str, float]], path: str | Path) -> Path:
@@ -133,7 +133,7 @@ def plot_per_level_recall(per_level: dict[str, dict[str, float]], path: str | Pa
     ax.set_ylabel("recall")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def parse_json_column(values: pd.Series) -> list:

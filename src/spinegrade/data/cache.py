@@ -1,0 +1,532 @@
+"""The crop cache: DICOM series -> memory-mappable uint8 crops + index + problems.
+
+Layout of one cache (``prepare`` puts it in ``OUT/<condition>-<hash8>/``, the hash covering
+every pixel-affecting DataConfig field, so a changed setting never reuses stale crops)::
+
+    crops.npy      uint8 (N, n_slices, 3, S, S), opened with np.load(mmap_mode="r")
+    index.csv      one row per crop: the build_index columns + ``row`` (position in crops)
+    problems.csv   every file or row skipped or kept with a warning, and why
+    meta.json      data_cfg, cache key, versions, counts; written last (= the cache is complete)
+    shards/        per-series partial results while preparing; removed once consolidated
+
+Each series is read once, each slice any crop needs is windowed and equalised once, and all
+of the series' crops are cut; the result goes to ``shards/<study>_<series>.npz`` written
+atomically. A rerun after an interruption skips the shards that exist (and match their task),
+then consolidates all shards, in index order, into the final files, each written atomically.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import multiprocessing
+import platform
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from spinegrade import __version__
+from spinegrade.config import DataConfig, config_from_dict
+from spinegrade.constants import CLASS_NAMES, LEVELS
+from spinegrade.data.preprocess import PREPROCESS_VERSION, CropRequest, build_cropper
+from spinegrade.data.rsna import (
+    IMAGES_DIR,
+    Problem,
+    build_index,
+    read_problems,
+    write_problems,
+)
+from spinegrade.errors import UserError
+from spinegrade.io.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+CROPS_FILE = "crops.npy"
+INDEX_FILE = "index.csv"
+META_FILE = "meta.json"
+PROBLEMS_FILE = "problems.csv"
+SHARDS_DIR = "shards"
+# DataConfig fields that do not change a crop's pixels; every other field (including ones
+# added later) is part of the cache key, so a new setting errs on the side of a rebuild.
+NON_PIXEL_FIELDS: frozenset[str] = frozenset({"folds", "fold", "num_workers"})
+
+
+# --- cache key ---------------------------------------------------------------------------------
+
+
+def pixel_config(data_cfg: DataConfig | dict) -> dict[str, Any]:
+    """The DataConfig fields that affect crops, plus the preprocessing code version."""
+    d = dataclasses.asdict(data_cfg) if dataclasses.is_dataclass(data_cfg) else dict(data_cfg)
+    out = {k: v for k, v in sorted(d.items()) if k not in NON_PIXEL_FIELDS}
+    out["preprocess_version"] = PREPROCESS_VERSION
+    return json.loads(json.dumps(out))  # tuples -> lists, so dicts from JSON compare equal
+
+
+def cache_key(data_cfg: DataConfig) -> str:
+    """``<condition>-<hash8>``: the folder name of the cache for this config."""
+    blob = json.dumps(pixel_config(data_cfg), sort_keys=True).encode()
+    return f"{data_cfg.condition}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+def data_config_from_dict(d: dict) -> DataConfig:
+    """A DataConfig from a stored dict, ignoring keys this version does not know."""
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    return config_from_dict({"data": {k: v for k, v in d.items() if k in known}}).data
+
+
+# --- the store ---------------------------------------------------------------------------------
+
+
+@dataclass
+class CropCache:
+    """A prepared cache opened for reading: index, memory-mapped crops, config.
+
+    Attributes:
+        path: the cache folder.
+        index: one row per crop (``row`` = position in ``crops``).
+        crops: uint8 memmap ``(N, n_slices, 3, S, S)``.
+        data_cfg: the preprocessing config that made it (plain dict).
+        meta: the whole ``meta.json``.
+    """
+
+    path: Path
+    index: pd.DataFrame
+    crops: np.ndarray
+    data_cfg: dict
+    meta: dict
+
+    @classmethod
+    def open(cls, path: str | Path) -> CropCache:
+        """Open a cache folder, or an ``OUT`` folder holding exactly one cache.
+
+        Raises:
+            UserError: not a complete cache (no ``meta.json``), or several to choose from.
+        """
+        path = resolve_cache_dir(path)
+        meta = json.loads((path / META_FILE).read_text())
+        index = pd.read_csv(path / INDEX_FILE)
+        crops = np.load(path / CROPS_FILE, mmap_mode="r")
+        if len(index) != len(crops):
+            raise UserError(f"{path}: index.csv has {len(index)} rows but crops.npy "
+                            f"{len(crops)}; delete the folder and run prepare again")
+        return cls(path, index, crops, meta["data_cfg"], meta)
+
+    @classmethod
+    def create(cls, path: str | Path, crops: np.ndarray, index_df: pd.DataFrame,
+               data_cfg_dict: dict, extra_meta: dict | None = None) -> CropCache:
+        """Write a cache from arrays (tests, tools) and open it.
+
+        Args:
+            path: the cache folder to write (created).
+            crops: uint8 ``(N, n_slices, 3, S, S)``.
+            index_df: N rows, at least ``study_id, level_idx, label``; ``row`` is set to
+                ``0..N-1`` (replaced if present).
+            data_cfg_dict: the preprocessing config to record (``dataclasses.asdict`` of a
+                DataConfig, or any dict).
+            extra_meta: more keys for ``meta.json``.
+        """
+        crops = np.asarray(crops)
+        if crops.dtype != np.uint8 or crops.ndim != 5 or crops.shape[2] != 3:
+            raise ValueError(f"crops must be uint8 (N, S, 3, H, W), got {crops.dtype} {crops.shape}")
+        if len(index_df) != len(crops):
+            raise ValueError(f"{len(index_df)} index rows for {len(crops)} crops")
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        index_df = index_df.reset_index(drop=True).copy()
+        index_df["row"] = np.arange(len(index_df), dtype=np.int64)  # always the position
+        with atomic_path(path / CROPS_FILE, suffix=".npy") as tmp:
+            np.save(tmp, np.ascontiguousarray(crops))
+        _write_index(path / INDEX_FILE, index_df)
+        meta = _meta(data_cfg_dict, index_df, crops.shape, extra_meta or {})
+        atomic_write_text(path / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+        return cls.open(path)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __reduce__(self) -> tuple:
+        # Pickle by path (DataLoader workers, spawn): a memmap would otherwise be copied whole.
+        return (CropCache.open, (str(self.path),))
+
+
+def resolve_cache_dir(path: str | Path) -> Path:
+    """The cache folder itself, or the single cache inside an ``OUT`` folder."""
+    path = Path(path)
+    if (path / META_FILE).is_file():
+        return path
+    found = sorted(p.parent for p in path.glob(f"*/{META_FILE}")) if path.is_dir() else []
+    if len(found) == 1:
+        return found[0]
+    if found:
+        names = ", ".join(p.name for p in found)
+        raise UserError(f"{path} holds several caches ({names}); pass one of them")
+    raise UserError(f"{path}: not a prepared crop cache (no {META_FILE}); run "
+                    "'spinegrade prepare DATA_DIR --out CACHE' first (an interrupted run "
+                    "resumes when run again)")
+
+
+def _write_index(path: Path, index_df: pd.DataFrame) -> None:
+    with atomic_path(path, suffix=".csv") as tmp:
+        index_df.to_csv(tmp, index=False, float_format="%.6g", lineterminator="\n")
+
+
+def _meta(data_cfg: dict, index_df: pd.DataFrame, shape: Sequence[int], extra: dict) -> dict:
+    import cv2
+    import pydicom
+
+    counts: dict[str, Any] = {"samples": int(len(index_df))}
+    if "label" in index_df.columns:
+        counts["per_class"] = {CLASS_NAMES[k]: int((index_df["label"] == k).sum())
+                               for k in range(len(CLASS_NAMES))}
+    if "level_idx" in index_df.columns:
+        counts["per_level"] = {LEVELS[k]: int((index_df["level_idx"] == k).sum())
+                               for k in range(len(LEVELS))}
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "data_cfg": json.loads(json.dumps(data_cfg)),
+        "pixel_config": pixel_config(data_cfg),
+        "crops_shape": [int(s) for s in shape],
+        "counts": counts,
+        "versions": {"spinegrade": __version__, "numpy": np.__version__,
+                     "opencv": cv2.__version__, "pydicom": pydicom.__version__,
+                     "python": platform.python_version()},
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+    meta.update(extra)
+    return meta
+
+
+# --- one series -> one shard (runs in worker processes) ---------------------------------------
+
+
+@dataclass(frozen=True)
+class SeriesTask:
+    """All crops to cut from one series, and where the shard goes."""
+
+    data_dir: str
+    study_id: int
+    series_id: int
+    sample_ids: tuple[int, ...]           # positions in the build_index frame
+    requests: tuple[CropRequest, ...]
+    shard: str
+
+    @property
+    def fingerprint(self) -> str:
+        """Hash of what this task asks for: a shard from a different task is not reused."""
+        blob = json.dumps([self.study_id, self.series_id, list(self.sample_ids),
+                           [dataclasses.astuple(r) for r in self.requests]])
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @property
+    def series_dir(self) -> Path:
+        return Path(self.data_dir) / IMAGES_DIR / str(self.study_id) / str(self.series_id)
+
+
+_CROPPERS: dict[str, Any] = {}
+
+
+def _cropper(data_cfg: DataConfig) -> Any:
+    key = json.dumps(dataclasses.asdict(data_cfg), sort_keys=True)
+    if key not in _CROPPERS:
+        _CROPPERS[key] = build_cropper(data_cfg)
+    return _CROPPERS[key]
+
+
+def _relative(path: str | Path, root: str | Path) -> str:
+    try:
+        return str(Path(path).relative_to(root))
+    except ValueError:
+        return str(path)
+
+
+def _reader_problems(task: SeriesTask, volume: Any) -> list[Problem]:
+    """The reader's (file, reason) notes as Problems: unused files skipped, the rest warnings."""
+    used = {str(f) for f in getattr(volume, "files", [])}
+    out = []
+    for file, reason in volume.problems:
+        skipped = file != str(task.series_dir) and file not in used
+        kind = "unreadable_file" if skipped else "series_warning"
+        out.append(Problem(task.study_id, task.series_id, _relative(file, task.data_dir), -1,
+                           kind, "skipped" if skipped else "warning", reason))
+    return out
+
+
+def process_series(task: SeriesTask, data_cfg: DataConfig) -> tuple[list[int], np.ndarray,
+                                                                      list[Problem]]:
+    """Read one series once and cut all its crops.
+
+    Returns:
+        ``(sample_ids, crops, problems)`` for the samples that succeeded; a series that cannot
+        be read gives no crops and a problem, never an exception.
+    """
+    from spinegrade.io.dicom import read_series  # here: keeps the module importable alone
+
+    n_slices, size = data_cfg.n_slices, data_cfg.img_size
+    empty = np.zeros((0, n_slices, 3, size, size), dtype=np.uint8)
+    rel_dir = _relative(task.series_dir, task.data_dir)
+
+    def fail(kind: str, message: str) -> tuple[list[int], np.ndarray, list[Problem]]:
+        return [], empty, [Problem(task.study_id, task.series_id, rel_dir, -1, kind, "skipped",
+                                   message)]
+
+    try:
+        volume = read_series(task.series_dir, [r.instance_number for r in task.requests])
+    except Exception as e:  # a damaged series must never stop the run
+        return fail("unreadable_series", f"{type(e).__name__}: {e}")
+    problems = _reader_problems(task, volume)
+    if len(volume.slices) < n_slices:
+        problems.append(Problem(task.study_id, task.series_id, rel_dir, -1, "short_series",
+                                "warning", f"{len(volume.slices)} slices < n_slices={n_slices}; "
+                                "edge slices replicated"))
+    try:
+        results = _cropper(data_cfg)(volume, task.requests)
+    except Exception as e:  # e.g. geometry a crop cannot use; skip the series, keep going
+        return [], empty, problems + fail("crop_failed", f"{type(e).__name__}: {e}")[2]
+    ids, crops = [], []
+    for sid, req, res in zip(task.sample_ids, task.requests, results, strict=True):
+        if isinstance(res, np.ndarray):
+            ids.append(sid)
+            crops.append(res)
+            continue
+        kind = "missing_instance" if isinstance(res, KeyError) else "coordinate_out_of_image"
+        problems.append(Problem(task.study_id, task.series_id,
+                                _relative(task.series_dir / f"{req.instance_number}.dcm",
+                                          task.data_dir), -1, kind, "skipped",
+                                str(res).strip("'\"")))
+    return ids, (np.stack(crops) if crops else empty), problems
+
+
+def _write_shard(task: SeriesTask, ids: list[int], crops: np.ndarray, problems: list[Problem]):
+    payload = json.dumps([dataclasses.asdict(p) for p in problems])
+    with atomic_path(task.shard, suffix=".npz") as tmp:
+        np.savez(tmp, crops=crops, sample_ids=np.asarray(ids, dtype=np.int64),
+                 fingerprint=np.array(task.fingerprint), problems=np.array(payload))
+
+
+def _read_shard(path: str | Path, fingerprint: str | None = None, with_crops: bool = True):
+    """``(sample_ids, crops or None, problems)`` of a shard; None if absent/stale/damaged."""
+    if not Path(path).is_file():
+        return None
+    try:
+        with np.load(path) as z:
+            if fingerprint is not None and str(z["fingerprint"]) != fingerprint:
+                return None
+            problems = [Problem(**p) for p in json.loads(str(z["problems"]))]
+            return z["sample_ids"].tolist(), z["crops"] if with_crops else None, problems
+    except (OSError, ValueError, KeyError, EOFError):
+        return None
+    except Exception:  # a torn zip raises zipfile.BadZipFile and friends: recompute it
+        return None
+
+
+def run_task(args: tuple[SeriesTask, DataConfig]) -> tuple[int, int, int]:
+    """Worker entry point: process one series, write its shard; returns (series, ok, problems)."""
+    task, data_cfg = args
+    ids, crops, problems = process_series(task, data_cfg)
+    _write_shard(task, ids, crops, problems)
+    return task.series_id, len(ids), len(problems)
+
+
+def _init_worker() -> None:
+    import cv2
+
+    # One process per core already; OpenCV's own threads would only oversubscribe.
+    cv2.setNumThreads(1)
+
+
+# --- prepare: index -> tasks -> shards -> final store ------------------------------------------
+
+
+def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path) -> list[SeriesTask]:
+    """One task per series of the index, sample ids = index positions, in index order."""
+    tasks = []
+    for (study, series), group in index.groupby(["study_id", "series_id"], sort=True):
+        requests = tuple(CropRequest(int(r.instance_number), float(r.x), float(r.y))
+                         for r in group.itertuples())
+        tasks.append(SeriesTask(str(data_dir), int(study), int(series),
+                                tuple(int(i) for i in group.index), requests,
+                                str(shards_dir / f"{study}_{series}.npz")))
+    return tasks
+
+
+def _run_tasks(tasks: list[SeriesTask], data_cfg: DataConfig, workers: int,
+               progress: bool) -> None:
+    """Run the tasks whose shard is missing, in ``workers`` spawned processes (1: in-process)."""
+    from tqdm import tqdm
+
+    todo = [t for t in tasks if _read_shard(t.shard, t.fingerprint, with_crops=False) is None]
+    if len(todo) < len(tasks):
+        log.info("resuming: %d of %d series already done", len(tasks) - len(todo), len(tasks))
+    bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="prepare",
+               unit="series", disable=not progress, dynamic_ncols=True)
+    jobs = [(t, data_cfg) for t in todo]
+    try:
+        if workers <= 1 or len(todo) <= 1:
+            for job in jobs:
+                run_task(job)
+                bar.update()
+        else:
+            # spawn: the same on every OS, and no forked OpenCV/BLAS thread state.
+            ctx = multiprocessing.get_context("spawn")
+            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
+                for _ in pool.imap_unordered(run_task, jobs, chunksize=1):
+                    bar.update()
+    finally:
+        bar.close()
+
+
+def _consolidate(cache_dir: Path, index: pd.DataFrame, tasks: list[SeriesTask],
+                 problems: list[Problem], data_cfg: DataConfig, extra_meta: dict) -> None:
+    """Merge the shards, in index order, into crops.npy/index.csv/problems.csv/meta.json."""
+    done: dict[int, tuple[str, int]] = {}  # sample id -> (shard, position in shard)
+    for task in tasks:
+        shard = _read_shard(task.shard, task.fingerprint, with_crops=False)
+        if shard is None:
+            raise RuntimeError(f"shard {task.shard} vanished while consolidating")
+        ids, _, shard_problems = shard
+        done.update({sid: (task.shard, k) for k, sid in enumerate(ids)})
+        problems.extend(shard_problems)
+    kept = sorted(done)
+    final = index.loc[kept].reset_index(drop=True)
+    final["row"] = np.arange(len(final), dtype=np.int64)
+    shape = (len(kept), data_cfg.n_slices, 3, data_cfg.img_size, data_cfg.img_size)
+    position = {sid: r for r, sid in enumerate(kept)}
+    with atomic_path(cache_dir / CROPS_FILE, suffix=".npy") as tmp:
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+        for task in tasks:  # one shard in memory at a time
+            ids, crops, _ = _read_shard(task.shard)
+            for k, sid in enumerate(ids):
+                out[position[sid]] = crops[k]
+        out.flush()
+        del out
+    _write_index(cache_dir / INDEX_FILE, final)
+    problems = sorted(set(problems), key=lambda p: (p.study_id, p.series_id, p.file, p.row,
+                                                    p.kind, p.message))
+    write_problems(cache_dir / PROBLEMS_FILE, problems)
+    extra = dict(extra_meta)
+    extra["counts_problems"] = dict(sorted(Counter(p.kind for p in problems).items()))
+    meta = _meta(dataclasses.asdict(data_cfg), final, shape, extra)
+    atomic_write_text(cache_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _index_fingerprint(index: pd.DataFrame) -> str:
+    blob = index.to_csv(index=False, float_format="%.6g").encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def prepare(data_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig, workers: int = 1,
+            progress: bool = True) -> Path:
+    """Build (or finish, or reuse) the crop cache of ``data_cfg.condition``.
+
+    Args:
+        data_dir: an RSNA 2024 Lumbar Spine folder (CSVs + ``train_images/``).
+        out_dir: cache root; the cache goes to ``out_dir/<condition>-<hash8>/``.
+        data_cfg: preprocessing settings (every number of the pipeline).
+        workers: processes reading series in parallel (1: in this process).
+        progress: show a tqdm bar.
+
+    Returns:
+        The cache folder (open it with :meth:`CropCache.open`).
+
+    Raises:
+        UserError: the data folder lacks the CSVs, or no sample could be prepared.
+    """
+    data_dir = Path(data_dir)
+    cache_dir = Path(out_dir) / cache_key(data_cfg)
+    index, problems = build_index(data_dir, data_cfg.condition)
+    fingerprint = _index_fingerprint(index)
+    meta_path = cache_dir / META_FILE
+    if meta_path.is_file() and (cache_dir / CROPS_FILE).is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("index_fingerprint") == fingerprint:
+            log.info("cache %s is complete and up to date; nothing to do", cache_dir)
+            return cache_dir
+        meta_path.unlink()  # same settings, different labels: rebuild (shards re-checked)
+    if index.empty:
+        raise UserError(f"{data_dir}: no usable {data_cfg.condition} label; see the problems "
+                        "above (empty labels, missing series, ...)")
+    shards_dir = cache_dir / SHARDS_DIR
+    shards_dir.mkdir(parents=True, exist_ok=True)
+    tasks = make_tasks(data_dir, index, shards_dir)
+    _run_tasks(tasks, data_cfg, workers, progress)
+    _consolidate(cache_dir, index, tasks, problems, data_cfg,
+                 {"cache_key": cache_dir.name, "index_fingerprint": fingerprint,
+                  "data_dir": str(data_dir.resolve()), "series": len(tasks)})
+    for task in tasks:
+        Path(task.shard).unlink(missing_ok=True)
+    for leftover in shards_dir.glob(".*"):  # temporaries of a killed writer
+        leftover.unlink(missing_ok=True)
+    if not any(shards_dir.iterdir()):
+        shards_dir.rmdir()
+    return cache_dir
+
+
+def summarize(cache_dir: str | Path) -> str:
+    """A few lines for the end of ``prepare``: samples per class, problems by kind, location."""
+    cache = CropCache.open(cache_dir)
+    counts = cache.meta.get("counts", {})
+    per_class = ", ".join(f"{k} {v}" for k, v in counts.get("per_class", {}).items())
+    lines = [f"cache: {cache.path}",
+             f"samples: {len(cache)} ({per_class}); crops {tuple(cache.crops.shape)} uint8"]
+    problems_path = cache.path / PROBLEMS_FILE
+    problems = read_problems(problems_path) if problems_path.is_file() else []
+    by_kind = Counter((p.kind, p.severity) for p in problems)
+    if by_kind:
+        lines.append(f"problems ({len(problems)}, listed in {problems_path}):")
+        lines += [f"  {kind:<28} {sev:<8} {n}" for (kind, sev), n in sorted(by_kind.items())]
+    else:
+        lines.append("problems: none")
+    return "\n".join(lines)
+
+
+def crops_from_dicom(series_dir: str | Path, requests: Sequence[CropRequest],
+                     data_cfg: DataConfig) -> list[np.ndarray]:
+    """The naive path: per request, read only its slices' files and process whole slices.
+
+    As public notebooks do, nothing is shared between requests: each one reads the series'
+    headers (for the spatial order), decodes its ``n_slices`` files, windows and equalises
+    each whole slice, then crops. Gives the same crops as :func:`prepare` (tests, benchmark).
+
+    Raises:
+        KeyError, CoordinateOutOfImage: as :meth:`VolumeCropper.slice_plan`.
+    """
+    from spinegrade.io.dicom import read_series
+
+    cropper = _cropper(data_cfg)
+    out = []
+    for req in requests:
+        header_volume = read_series(series_dir, [req.instance_number], load_pixels=False)
+        volume = dataclasses.replace(header_volume, slices=_LazySlices(header_volume.files))
+        (result,) = cropper(volume, [req])
+        if isinstance(result, Exception):
+            raise result
+        out.append(result)
+    return out
+
+
+class _LazySlices(Sequence):
+    """Slices of a headers-only Volume, decoded from their file on first access."""
+
+    def __init__(self, files: Sequence[Path]) -> None:
+        self.files = list(files)
+        self._cache: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, j):  # type: ignore[override]
+        from spinegrade.io.dicom import decode_pixels, read_header
+
+        if j not in self._cache:
+            header, ds, _ = read_header(self.files[j], with_pixels=True)
+            self._cache[j] = decode_pixels(ds, header)
+        return self._cache[j]

@@ -1,0 +1,1 @@
+"""Synthetic RSNA 2024 Lumbar Spine datasets."""

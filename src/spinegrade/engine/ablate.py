@@ -1,0 +1,220 @@
+"""Re-run the version comparison (v4-v8) and one-factor ablations of v8 on the same folds.
+
+Each (config, fold) pair trains into ``OUT/runs/<label>/fold<k>``; a run whose metrics.csv
+already covers every epoch is reused, not repeated. The summary table follows the seed's
+form: version, architecture, loss, best BA (mean +- std over folds), epoch of best BA, dead
+classes, per-class recall at the best epoch, competition-weighted log loss.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from spinegrade.config import Config, load_config
+from spinegrade.constants import CLASS_NAMES
+from spinegrade.io.atomic import atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# One change each to v8: (label, overrides, what the change undoes).
+ONE_FACTOR_ABLATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
+    ("sampler=weighted", ("train.sampler=weighted",), "WeightedRandomSampler instead of shuffle"),
+    ("loss=unweighted_ce", ("loss.use_class_weights=false",), "plain CE, no [1,2,4] weights"),
+    ("loss=focal", ("loss.focal_gamma=1.5",), "focal modulation gamma 1.5 on top"),
+    ("aggregator=attention_mil", ("model.aggregator=attention_mil",), "attention-MIL pooling"),
+    ("aggregator=bilstm_attention", ("model.aggregator=bilstm_attention",),
+     "bi-LSTM + attention pooling"),
+    ("level=none", ("model.level_conditioning=none",), "no level embedding"),
+    ("level=film", ("model.level_conditioning=film",), "FiLM instead of concatenation"),
+    ("mixup=0.4", ("train.mixup_alpha=0.4",), "mixup on"),
+    ("bias=zero", ("model.bias_init=zero",), "head bias at zero, not the priors"),
+    ("freeze=0", ("train.freeze_epochs=0",), "no frozen-backbone phase"),
+    ("swa=off", ("train.swa=false",), "no SWA"),
+)
+
+TrainFn = Callable[[Config, Path, Path, int], object]
+
+
+@dataclass(frozen=True)
+class PlannedRun:
+    """One training run of the comparison."""
+
+    label: str
+    fold: int
+    cfg: Config
+    run_dir: Path
+    change: str = ""
+
+
+def plan_runs(
+    configs: Sequence[str | Path],
+    folds: Sequence[int],
+    out_dir: Path,
+    *,
+    preset: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    one_factor: str | Path | None = None,
+) -> list[PlannedRun]:
+    """Every (config, fold) run to train, labelled by the config's ``name``."""
+    variants: list[tuple[str, str | Path, tuple[str, ...], str]] = []
+    for path in configs:
+        variants.append(("", path, (), ""))
+    if one_factor is not None:
+        for label, extra, change in ONE_FACTOR_ABLATIONS:
+            variants.append((label, one_factor, extra, change))
+    runs: list[PlannedRun] = []
+    seen: set[str] = set()
+    for suffix, path, extra, change in variants:
+        cfg = load_config(path, [*extra, *overrides], preset=preset)
+        label = f"{cfg.name}:{suffix}" if suffix else cfg.name
+        if label in seen:
+            raise ValueError(f"two configs share the name '{label}'; give each a unique name")
+        seen.add(label)
+        for fold in folds:
+            cfg_fold = load_config(path, [*extra, *overrides, f"data.fold={fold}"], preset=preset)
+            run_dir = out_dir / "runs" / label.replace(":", "__").replace("=", "-") / f"fold{fold}"
+            runs.append(PlannedRun(label, fold, cfg_fold, run_dir, change))
+    return runs
+
+
+def run_is_finished(run_dir: Path, epochs: int) -> bool:
+    """True when the run's metrics.csv holds every epoch (so training need not run again)."""
+    path = run_dir / "metrics.csv"
+    if not path.is_file():
+        return False
+    metrics = pd.read_csv(path)
+    return len(metrics) > 0 and int(metrics["epoch"].max()) >= epochs
+
+
+def execute(runs: Sequence[PlannedRun], cache: Path, train_fn: TrainFn) -> pd.DataFrame:
+    """Train every planned run that is not finished yet; return what happened to each."""
+    rows = []
+    for i, run in enumerate(runs, start=1):
+        tag = f"[{i}/{len(runs)}] {run.label} fold {run.fold}"
+        if run_is_finished(run.run_dir, run.cfg.train.epochs):
+            print(f"{tag}: finished run found in {run.run_dir}, reused")
+            rows.append(dict(label=run.label, fold=run.fold, status="reused", seconds=0.0))
+            continue
+        print(f"{tag}: training -> {run.run_dir}", flush=True)
+        start = time.perf_counter()
+        train_fn(run.cfg, cache, run.run_dir, run.fold)
+        seconds = time.perf_counter() - start
+        print(f"{tag}: done in {seconds:.0f} s", flush=True)
+        rows.append(dict(label=run.label, fold=run.fold, status="trained", seconds=seconds))
+    return pd.DataFrame(rows)
+
+
+def dead_class_epochs(metrics: pd.DataFrame) -> dict[str, list[int]]:
+    """For each class, the epochs in which the model predicted it for no sample."""
+    dead: dict[str, list[int]] = {}
+    for name in CLASS_NAMES:
+        col = f"pred_count_{name}"
+        if col in metrics:
+            epochs = metrics.loc[metrics[col] == 0, "epoch"].astype(int).tolist()
+            if epochs:
+                dead[name] = epochs
+    return dead
+
+
+def summarize_run(metrics: pd.DataFrame) -> dict:
+    """Best-BA epoch, recall there, log loss there, and dead classes of one run."""
+    best = int(metrics["balanced_accuracy"].astype(float).idxmax())
+    row = metrics.loc[best]
+    out = dict(
+        best_ba=float(row["balanced_accuracy"]),
+        best_epoch=int(row["epoch"]),
+        weighted_logloss=float(row.get("weighted_logloss", np.nan)),
+        dead=dead_class_epochs(metrics),
+    )
+    for name in CLASS_NAMES:
+        out[f"recall_{name}"] = float(row.get(f"recall_{name}", np.nan))
+    return out
+
+
+def describe_architecture(cfg: Config) -> str:
+    """Short architecture string for the table."""
+    m = cfg.model
+    if m.input_mode == "channels":
+        core = f"{m.backbone} 2.5D {cfg.data.n_slices}-ch stem"
+    else:
+        core = f"{m.backbone} x{cfg.data.n_slices} + {m.aggregator}"
+    level = {"embedding": f"+ level emb {m.level_embed_dim}", "film": "+ FiLM", "none": ""}
+    return " ".join(p for p in (core, level[m.level_conditioning], f"-> {m.head}") if p)
+
+
+def describe_loss(cfg: Config) -> str:
+    """Short loss string for the table."""
+    parts = [cfg.loss.name]
+    if cfg.loss.use_class_weights:
+        parts.append("w=" + "/".join(f"{w:g}" for w in cfg.loss.class_weights))
+    if cfg.loss.focal_gamma > 0:
+        parts.append(f"focal {cfg.loss.focal_gamma:g}")
+    if cfg.train.sampler == "weighted":
+        parts.append("+ weighted sampler")
+    if cfg.train.mixup_alpha > 0:
+        parts.append(f"+ mixup {cfg.train.mixup_alpha:g}")
+    return " ".join(parts)
+
+
+def _format_dead(per_fold: list[dict[str, list[int]]]) -> str:
+    parts = []
+    for fold_idx, dead in enumerate(per_fold):
+        for name, epochs in dead.items():
+            parts.append(f"{name} (fold {fold_idx}: ep {','.join(map(str, epochs))})")
+    return "; ".join(parts) if parts else "no"
+
+
+def build_table(runs: Sequence[PlannedRun]) -> pd.DataFrame:
+    """One row per version: mean +- std over folds, in the seed's table form."""
+    rows = []
+    for label in dict.fromkeys(r.label for r in runs):
+        group = [r for r in runs if r.label == label]
+        summaries = [summarize_run(pd.read_csv(r.run_dir / "metrics.csv")) for r in group]
+        bas = np.array([s["best_ba"] for s in summaries])
+        row = {
+            "Version": label,
+            "Architecture": describe_architecture(group[0].cfg),
+            "Loss": describe_loss(group[0].cfg),
+            "Best BA": f"{bas.mean():.3f} ± {bas.std():.3f}",
+            "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
+            "Dead class?": _format_dead([s["dead"] for s in summaries]),
+        }
+        for name in CLASS_NAMES:
+            row[f"Recall {name}"] = round(float(np.mean([s[f"recall_{name}"] for s in summaries])), 3)
+        row["Weighted log loss"] = round(float(np.mean([s["weighted_logloss"] for s in summaries])), 4)
+        row["best_ba_mean"] = float(bas.mean())
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    """Markdown table (without the numeric helper columns)."""
+    cols = [c for c in table.columns if c != "best_ba_mean"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for _, r in table.iterrows():
+        lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(runs: Sequence[PlannedRun], out_dir: Path) -> pd.DataFrame:
+    """Write table.csv, table.md, curves.png and runs.json into ``out_dir``."""
+    from spinegrade.report.ablate import plot_version_curves
+
+    table = build_table(runs)
+    atomic_write_text(out_dir / "table.csv", table.to_csv(index=False))
+    atomic_write_text(out_dir / "table.md", to_markdown(table))
+    curves = {label: [pd.read_csv(r.run_dir / "metrics.csv") for r in runs if r.label == label]
+              for label in dict.fromkeys(r.label for r in runs)}
+    plot_version_curves(curves, out_dir / "curves.png")
+    manifest = [dict(label=r.label, fold=r.fold, run_dir=str(r.run_dir), change=r.change)
+                for r in runs]
+    atomic_write_text(out_dir / "runs.json", json.dumps(manifest, indent=2))
+    return table

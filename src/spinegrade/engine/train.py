@@ -1,0 +1,518 @@
+"""Training: ``train_one_epoch``, ``evaluate`` and ``fit`` (the torchvision reference skeleton).
+
+``fit`` owns the run folder. Per epoch it trains, evaluates on the validation fold (all
+predictions gathered across processes), updates the health table, the dead-class alarm and
+the SWA average, and writes metrics.csv, health.json, TensorBoard events and checkpoints.
+After the last epoch it recomputes the SWA model's BatchNorm statistics, evaluates it, and
+writes the out-of-fold predictions of the final model. See docs/run_folder.md.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
+
+from spinegrade.config import Config, config_to_dict, save_config
+from spinegrade.constants import CLASS_NAMES, NUM_CLASSES
+from spinegrade.data.augment import BatchAugment, mixup, to_model_input
+from spinegrade.engine import checkpoint as ckpt_io
+from spinegrade.engine import distributed as dist_util
+from spinegrade.engine.loop import (
+    Settings, build_loaders, make_run_model, recompute_bn, seed_everything,
+)
+from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
+from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer
+from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
+from spinegrade.engine.tta import predict_views
+from spinegrade.errors import UserError
+from spinegrade.io.atomic import atomic_path, atomic_write_text
+
+log = logging.getLogger(__name__)
+
+# Test hook: SIGKILL this process right after epoch N's checkpoints are written.
+KILL_ENV = "SPINEGRADE_KILL_AFTER_EPOCH"
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
+                    loss_fn: nn.Module, schedule: PhaseSchedule, epoch: int, s: Settings,
+                    augment: BatchAugment | None, aug_gen: torch.Generator) -> dict[str, float]:
+    """One pass over the training loader.
+
+    ``model`` may be DDP-wrapped. The learning rates are set before every step from the
+    schedule; augmentation and mixup run here on the device, on whole batches.
+
+    Returns:
+        ``train_loss`` (sample-weighted mean over all processes), ``n`` and ``seconds``.
+    """
+    model.train()
+    start = time.perf_counter()
+    loss_sum, n_seen = 0.0, 0
+    for step, batch in enumerate(loader):
+        apply_lrs(optimizer, schedule.lrs(epoch, step))
+        x = to_model_input(batch["image"], s.device)
+        targets = {"label": batch["label"].to(s.device), "level": batch["level"].to(s.device)}
+        if augment is not None:
+            x, targets["slice_offset"] = augment(x, aug_gen)
+        if s.mixup_alpha > 0:
+            x, perm, lam = mixup(x, s.mixup_alpha, aug_gen)
+            onehot = F.one_hot(targets["label"], NUM_CLASSES).float()
+            targets["label_soft"] = lam * onehot + (1.0 - lam) * onehot[perm]
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+            outputs = model(x, targets["level"])
+        loss = loss_fn({k: v.float() for k, v in outputs.items()}, targets)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; "
+                                     "lower the learning rate or check the inputs")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if s.grad_clip > 0:
+            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
+                                     s.grad_clip)
+        optimizer.step()
+        loss_sum += loss.item() * len(x)
+        n_seen += len(x)
+        if s.is_main and s.log_every and (step + 1) % s.log_every == 0:
+            log.info("epoch %d step %d/%d loss %.4f", epoch, step + 1, len(loader),
+                     loss_sum / n_seen)
+    loss_sum, n_seen = dist_util.all_reduce_sum([loss_sum, float(n_seen)], s.device)
+    return {"train_loss": loss_sum / max(n_seen, 1), "n": int(n_seen),
+            "seconds": time.perf_counter() - start}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable[dict], loss_fn: nn.Module, s: Settings,
+             views: list | None = None) -> dict[str, Any]:
+    """Predict this process's shard of the validation rows, then gather every process's.
+
+    Args:
+        model: the bare model (not DDP-wrapped), put in eval mode here.
+        loader: this process's unpadded shard of the evaluation rows.
+        loss_fn: the training objective, for the validation loss.
+        s: run settings (device, amp).
+        views: TTA views (see :mod:`spinegrade.engine.tta`); None = the identity only.
+
+    Returns:
+        ``row``, ``label``, ``level`` (N,) and ``probs`` (N, C) over all processes, sorted by
+        row and de-duplicated, plus ``loss`` (the sample-weighted mean over batches).
+    """
+    model.eval()
+    parts: dict[str, list[np.ndarray]] = {"row": [], "label": [], "level": [], "probs": []}
+    loss_sum, n_seen = 0.0, 0
+    for batch in loader:
+        x = to_model_input(batch["image"], s.device)
+        targets = {"label": batch["label"].to(s.device), "level": batch["level"].to(s.device)}
+        with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
+            probs, outputs = predict_views(model, x, targets["level"], views or [lambda v: v])
+        loss_sum += loss_fn({k: v.float() for k, v in outputs.items()}, targets).item() * len(x)
+        n_seen += len(x)
+        parts["probs"].append(probs.float().cpu().numpy())
+        for key in ("row", "label", "level"):
+            parts[key].append(batch[key].numpy())
+    local = {k: (np.concatenate(v) if v else np.zeros((0, NUM_CLASSES) if k == "probs" else 0))
+             for k, v in parts.items()}
+    pred = dist_util.gather_predictions(local)
+    loss_sum, n_seen = dist_util.all_reduce_sum([loss_sum, float(n_seen)], s.device)
+    pred["loss"] = loss_sum / max(n_seen, 1)
+    return pred
+
+
+# --- fit ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunState:
+    """What changes from epoch to epoch and must survive a restart."""
+
+    epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    best_metric: float = -float("inf")
+    best_epoch: int = 0
+    stopped: bool = False
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "history": self.history, "best_metric": self.best_metric,
+                "best_epoch": self.best_epoch, "stopped": self.stopped}
+
+
+@dataclass
+class Trainer:
+    """Everything ``fit`` builds once, handed to its per-epoch helpers."""
+
+    cfg: Config
+    out: Path
+    s: Settings
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loss_fn: nn.Module
+    schedule: PhaseSchedule
+    loaders: Any
+    swa: AveragedModel | None
+    monitor: DeadClassMonitor
+    augment: BatchAugment | None
+    aug_gen: torch.Generator
+    state: RunState = field(default_factory=RunState)
+    ddp: nn.Module | None = None
+    writer: Any = None
+    on_epoch_end: Callable[[int, nn.Module], None] | None = None
+
+
+def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
+        resume: bool = False, on_epoch_end: Callable[[int, nn.Module], None] | None = None
+        ) -> dict[str, Any]:
+    """Train one fold of ``cache`` as ``cfg`` says, writing the run folder ``out_dir``.
+
+    Args:
+        cfg: the resolved config (read here and nowhere below the engine).
+        cache: a crop cache folder (or an opened ``CropCache``).
+        out_dir: run folder; created if missing.
+        fold: validation fold (default ``cfg.data.fold``).
+        resume: continue from ``checkpoints/last.pt`` when present (else start afresh).
+        on_epoch_end: optional callback ``(epoch, bare_model)`` after each epoch (tests).
+
+    Returns:
+        The summary written to ``final.json`` (best epoch and metric, SWA metrics, ...).
+    """
+    fold = cfg.data.fold if fold is None else fold
+    t = _setup(cfg, cache, Path(out_dir), fold, resume)
+    t.on_epoch_end = on_epoch_end
+    try:
+        for epoch in range(t.state.epoch + 1, cfg.train.epochs + 1):
+            if t.state.stopped:
+                break
+            _run_epoch(t, epoch)
+        summary = _finish(t)
+    finally:
+        if t.writer is not None:
+            t.writer.close()
+        dist_util.barrier()
+    return summary
+
+
+def _setup(cfg: Config, cache: Any, out: Path, fold: int, resume: bool) -> Trainer:
+    """Process group, data, model, optimizer, schedule, SWA, and the resumed state."""
+    s = Settings.from_config(cfg, fold)
+    seed_everything(cfg.train.seed, s.deterministic)
+    from spinegrade.data.cache import CropCache
+
+    cache = CropCache.open(cache) if isinstance(cache, str | Path) else cache
+    split = _load_or_make_split(cfg, cache, out, resume, s)
+    train_rows, val_rows = rows_for_fold(cache.index, split, fold)
+    if s.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        _write_json(out / "run.json", _run_info(cfg, cache, fold, s, train_rows, val_rows))
+    loaders = build_loaders(cfg, cache, train_rows, val_rows, s)
+    counts = np.bincount(cache.index.set_index("row").loc[train_rows, "label"], minlength=NUM_CLASSES)
+    model, loss_fn = make_run_model(cfg, cache, s, class_counts=counts.tolist())
+    schedule = PhaseSchedule.from_config(cfg.train, len(loaders.train))
+    t = Trainer(cfg=cfg, out=out, s=s, model=model, optimizer=build_optimizer(model, cfg.train),
+                loss_fn=loss_fn, schedule=schedule, loaders=loaders,
+                swa=AveragedModel(model) if cfg.train.swa else None,
+                monitor=DeadClassMonitor(cfg.train.dead_class_patience, cfg.train.dead_class_action),
+                augment=_make_augment(cfg) if cfg.train.augment else None,
+                aug_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + s.rank))
+    last = ckpt_io.checkpoint_path(out, "last")
+    if resume and last.is_file():
+        _restore(t, ckpt_io.load_checkpoint(last, map_location=s.device))
+        log.info("resumed from %s after epoch %d", last, t.state.epoch)
+    elif resume and s.is_main:
+        log.info("no %s yet: starting from epoch 1", last)
+    t.writer = _open_writer(out, t.state.epoch + 1) if s.is_main else None
+    return t
+
+
+def _make_augment(cfg: Config) -> BatchAugment:
+    tc = cfg.train
+    return BatchAugment(rotate_deg=tc.aug_rotate_deg, shift=tc.aug_shift, scale=tc.aug_scale,
+                        brightness=tc.aug_brightness, gamma=tc.aug_gamma,
+                        slice_jitter=tc.slice_jitter)
+
+
+def _load_or_make_split(cfg: Config, cache: Any, out: Path, resume: bool, s: Settings) -> pd.DataFrame:
+    """The run's saved split when resuming, else a fresh one (saved by the main process)."""
+    if (out / "split.csv").is_file() and resume:
+        return load_split(out)
+    # Every process computes the same split from the same seed; only the main one saves it.
+    split = make_folds(cache.index, cfg.data.folds, cfg.train.seed)
+    if s.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_split(split, out)
+    return split
+
+
+def _run_epoch(t: Trainer, epoch: int) -> None:
+    """Train, evaluate, monitor, average, checkpoint and log one epoch."""
+    trainable = t.schedule.backbone_trainable(epoch)
+    if t.ddp is None or t.model.backbone_trainable != trainable:
+        t.model.set_backbone_trainable(trainable)
+        # DDP registers only parameters that require grad, so re-wrap when that set changes.
+        t.ddp = _wrap_ddp(t.model, t.s)
+    lrs = t.schedule.lrs(epoch, 0)
+    t.loaders.set_epoch(epoch)
+    stats = train_one_epoch(t.ddp, t.loaders.train, t.optimizer, t.loss_fn, t.schedule, epoch,
+                            t.s, t.augment, t.aug_gen)
+    pred = evaluate(t.model, t.loaders.val, t.loss_fn, t.s)
+    row = _epoch_row(t, epoch, lrs, stats, pred)
+    dead, action = t.monitor.update({c: row[f"pred_count_{c}"] for c in CLASS_NAMES}, epoch)
+    row["dead_classes"] = json.dumps(dead)
+    if action is not None:
+        row["dead_class_action"] = action
+        _apply_dead_class_action(t, action, epoch)
+    t.state.history.append(row)
+    t.state.epoch = epoch
+    if t.swa is not None and t.schedule.in_swa(epoch):
+        t.swa.update_parameters(t.model)
+    improved = row[t.cfg.train.select_metric] is not None and (
+        row[t.cfg.train.select_metric] > t.state.best_metric)
+    if improved:
+        t.state.best_metric, t.state.best_epoch = row[t.cfg.train.select_metric], epoch
+    _save_epoch(t, epoch, improved)
+    if t.on_epoch_end is not None:
+        t.on_epoch_end(epoch, t.model)
+    if os.environ.get(KILL_ENV) == str(epoch):
+        dist_util.barrier()
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wrap_ddp(model: nn.Module, s: Settings) -> nn.Module:
+    if s.world_size <= 1:
+        return model
+    ids = [s.device.index] if s.device.type == "cuda" else None
+    return DDP(model, device_ids=ids)
+
+
+def _apply_dead_class_action(t: Trainer, action: str, epoch: int) -> None:
+    if action == "reset_bias":
+        log.warning("epoch %d: resetting the head bias to the prior", epoch)
+        t.model.reset_head_bias()
+    elif action == "stop":
+        log.warning("epoch %d: stopping training (train.dead_class_action=stop)", epoch)
+        t.state.stopped = True
+
+
+def _epoch_row(t: Trainer, epoch: int, lrs: dict[str, float], stats: dict, pred: dict) -> dict:
+    """One metrics.csv row: losses, learning rates and the validation summary."""
+    from spinegrade.metrics import summarize
+
+    m = summarize(pred["label"], pred["probs"])
+    row: dict[str, Any] = {"epoch": epoch, "phase": t.schedule.phase(epoch),
+                           "lr_backbone": lrs["backbone"], "lr_head": lrs["head"],
+                           "train_loss": stats["train_loss"], "val_loss": pred["loss"],
+                           "balanced_accuracy": m["balanced_accuracy"]}
+    row.update({f"recall_{c}": m["recall"][c] for c in CLASS_NAMES})
+    row.update({f"pred_count_{c}": m["prediction_counts"][c] for c in CLASS_NAMES})
+    row["weighted_logloss"] = m["weighted_logloss"]
+    row["n_val"] = m["n_samples"]
+    row["confusion_matrix"] = json.dumps(m["confusion_matrix"])
+    w = t.model.slice_weights()
+    row["slice_weights"] = json.dumps([round(float(v), 5) for v in w]) if w is not None else ""
+    row["seconds"] = round(stats["seconds"], 2)
+    return row
+
+
+def _save_epoch(t: Trainer, epoch: int, improved: bool) -> None:
+    """Checkpoints (last, and best when improved), metrics.csv, health.json, TensorBoard, log."""
+    # RNG states of every process, so a resumed multi-process run continues each stream.
+    rng = dist_util.all_gather_objects(ckpt_io.rng_state(t.loaders.generator))
+    aug = dist_util.all_gather_objects(t.aug_gen.get_state())
+    if not t.s.is_main:
+        return
+    ckpts = t.out / "checkpoints"
+    base = {"config": config_to_dict(t.cfg), "epoch": epoch, "fold": t.s.fold}
+    if improved:
+        ckpt_io.save_checkpoint(ckpts / "best.pt", {**base, "model": t.model.state_dict(),
+                                                    "metrics": _plain(t.state.history[-1])})
+    ckpt_io.save_checkpoint(ckpts / "last.pt", {
+        **base, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
+        "schedule": t.schedule.state_dict(), "swa": t.swa.state_dict() if t.swa else None,
+        "rng": rng, "augment_rng": aug, "monitor": t.monitor.state_dict(),
+        "state": t.state.state_dict(), "world_size": t.s.world_size})
+    _write_metrics(t)
+    _log_epoch(t, epoch)
+
+
+def _plain(row: dict) -> dict:
+    """A metrics row with only JSON/weights_only-safe values."""
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
+
+
+def _write_metrics(t: Trainer) -> None:
+    with atomic_path(t.out / "metrics.csv", suffix=".csv") as tmp:
+        pd.DataFrame(t.state.history).to_csv(tmp, index=False)
+    table = health_table(t.state.history, t.cfg.eval)
+    _write_json(t.out / "health.json", {"epoch": t.state.epoch, "items": table})
+
+
+def _log_epoch(t: Trainer, epoch: int) -> None:
+    """The compact per-epoch line, the confusion matrix, the health table and TensorBoard."""
+    r = t.state.history[-1]
+    rec = " ".join(f"{c[:3]}={_fmt(r[f'recall_{c}'])}" for c in CLASS_NAMES)
+    cnt = "/".join(str(r[f"pred_count_{c}"]) for c in CLASS_NAMES)
+    print(f"epoch {epoch:3d}/{t.cfg.train.epochs} [{r['phase']:<8}] lr {r['lr_backbone']:.1e}/"
+          f"{r['lr_head']:.1e} train {r['train_loss']:.4f} val {r['val_loss']:.4f} "
+          f"BA {_fmt(r['balanced_accuracy'])} recall {rec} preds {cnt} "
+          f"wlogloss {_fmt(r['weighted_logloss'])} {r['seconds']:.0f}s", flush=True)
+    cm = json.loads(r["confusion_matrix"])
+    print("  confusion (rows true N/M/S, cols predicted): "
+          + " | ".join(" ".join(f"{v:4d}" for v in line) for line in cm), flush=True)
+    dead = json.loads(r["dead_classes"])
+    if dead:
+        print(f"  WARNING: dead class(es) {', '.join(dead)}: no predictions this epoch", flush=True)
+    table = health_table(t.state.history, t.cfg.eval)
+    if any(it["status"] == "alarm" for it in table):
+        print(format_health([it for it in table if it["status"] == "alarm"]), flush=True)
+    if t.writer is not None:
+        for key in ("train_loss", "val_loss", "balanced_accuracy", "weighted_logloss",
+                    "lr_backbone", "lr_head", *(f"recall_{c}" for c in CLASS_NAMES),
+                    *(f"pred_count_{c}" for c in CLASS_NAMES)):
+            if r.get(key) is not None:
+                t.writer.add_scalar(key, r[key], epoch)
+        t.writer.flush()
+
+
+def _fmt(v: float | None) -> str:
+    return "  n/a" if v is None else f"{v:.3f}"
+
+
+def _restore(t: Trainer, ck: dict) -> None:
+    """Load a last.pt into the trainer: weights, optimizer, SWA, monitor, history, RNG."""
+    if ck["config"] != config_to_dict(t.cfg):
+        log.warning("resuming with a config that differs from the checkpoint's")
+    t.model.load_state_dict(ck["model"])
+    t.optimizer.load_state_dict(ck["optimizer"])
+    if t.swa is not None and ck.get("swa") is not None:
+        t.swa.load_state_dict(ck["swa"])
+    t.monitor.load_state_dict(ck["monitor"])
+    st = ck["state"]
+    t.state = RunState(epoch=st["epoch"], history=list(st["history"]),
+                       best_metric=st["best_metric"], best_epoch=st["best_epoch"],
+                       stopped=st["stopped"])
+    if ck["schedule"]["steps_per_epoch"] != t.schedule.steps_per_epoch:
+        log.warning("steps per epoch changed (%d -> %d): the cosine resumes on the new grid",
+                    ck["schedule"]["steps_per_epoch"], t.schedule.steps_per_epoch)
+    if len(ck["rng"]) == t.s.world_size:
+        ckpt_io.set_rng_state(ck["rng"][t.s.rank], t.loaders.generator)
+        t.aug_gen.set_state(ck["augment_rng"][t.s.rank])
+    else:
+        log.warning("resuming with %d processes instead of %d: RNG streams restart",
+                    t.s.world_size, len(ck["rng"]))
+
+
+def _finish(t: Trainer) -> dict[str, Any]:
+    """SWA (BN recomputed, evaluated, saved), out-of-fold predictions, final.json, report."""
+    summary: dict[str, Any] = {"best_epoch": t.state.best_epoch, "best_metric": t.state.best_metric,
+                               "select_metric": t.cfg.train.select_metric,
+                               "epochs_run": t.state.epoch, "stopped_early": t.state.stopped}
+    final_model, final_name = t.model, "last"
+    if t.state.best_epoch:
+        final_model, final_name = _load_weights(t, "best"), "best"
+    if t.swa is not None and int(t.swa.n_averaged) > 0:
+        swa_model = t.swa.module
+        recompute_bn(swa_model, t.loaders.bn, t.s)
+        pred = evaluate(swa_model, t.loaders.val, t.loss_fn, t.s)
+        from spinegrade.metrics import summarize
+
+        summary["swa"] = {**summarize(pred["label"], pred["probs"]), "val_loss": pred["loss"],
+                          "n_averaged": int(t.swa.n_averaged)}
+        if t.s.is_main:
+            ckpt_io.save_checkpoint(t.out / "checkpoints" / "swa.pt", {
+                "config": config_to_dict(t.cfg), "epoch": t.state.epoch, "fold": t.s.fold,
+                "model": swa_model.state_dict(), "n_averaged": int(t.swa.n_averaged)})
+        final_model, final_name = swa_model, "swa"
+    pred = evaluate(final_model, t.loaders.val, t.loss_fn, t.s)
+    summary["final_checkpoint"] = final_name
+    if t.s.is_main:
+        _write_oof(t, pred)
+        _write_json(t.out / "final.json", summary)
+        _print_summary(summary)
+        _build_report(t.out)
+    return summary
+
+
+def _load_weights(t: Trainer, name: str) -> nn.Module:
+    """A copy of the run model carrying the weights of checkpoint ``name``."""
+    import copy
+
+    model = copy.deepcopy(t.model)
+    dist_util.barrier()  # best.pt is written by the main process
+    model.load_state_dict(ckpt_io.load_checkpoint(ckpt_io.checkpoint_path(t.out, name),
+                                                  map_location=t.s.device)["model"])
+    return model
+
+
+def _write_oof(t: Trainer, pred: dict) -> None:
+    meta = t.loaders.index.set_index("row").loc[pred["row"]]
+    oof = pd.DataFrame({"row": pred["row"], "study_id": meta["study_id"].to_numpy(),
+                        "level": meta["level"].to_numpy(), "label": pred["label"]})
+    for k, c in enumerate(CLASS_NAMES):
+        oof[f"prob_{c}"] = pred["probs"][:, k]
+    with atomic_path(t.out / "oof.csv", suffix=".csv") as tmp:
+        oof.to_csv(tmp, index=False)
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"best {summary['select_metric']} {summary['best_metric']:.4f} at epoch "
+          f"{summary['best_epoch']}", flush=True)
+    if "swa" in summary:
+        sw = summary["swa"]
+        print(f"SWA over {sw['n_averaged']} epochs: BA {_fmt(sw['balanced_accuracy'])} "
+              f"weighted logloss {_fmt(sw['weighted_logloss'])} "
+              f"confusion {sw['confusion_matrix']}", flush=True)
+
+
+def _build_report(out: Path) -> None:
+    try:
+        from spinegrade.report import build_report
+    except ImportError:  # the report module is optional
+        return
+    try:
+        path = build_report(out)
+        print(f"report: {path}", flush=True)
+    except Exception as e:  # a plotting problem must not lose a finished run
+        log.warning("could not build the report: %s", e)
+
+
+def _open_writer(out: Path, first_epoch: int) -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # TensorBoard is optional
+        return None
+    # purge_step drops events a killed run logged after its last checkpoint.
+    return SummaryWriter(str(out / "tb"), purge_step=first_epoch if first_epoch > 1 else None)
+
+
+def _run_info(cfg: Config, cache: Any, fold: int, s: Settings, train_rows: np.ndarray,
+              val_rows: np.ndarray) -> dict:
+    return {"cache": str(Path(cache.path).resolve()) if hasattr(cache, "path") else None,
+            "fold": fold, "world_size": s.world_size, "device": str(s.device),
+            "n_train": len(train_rows), "n_val": len(val_rows), "torch": torch.__version__}
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, np.integer | np.floating):
+        return o.item()
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(f"not JSON serialisable: {type(o)}")
+
+
+__all__ = ["fit", "train_one_epoch", "evaluate", "KILL_ENV", "UserError"]

@@ -1,0 +1,597 @@
+"""Read one DICOM series folder into spatially ordered stacks of slices. numpy + pydicom only.
+
+The reader returns raw modality values plus metadata and leaves normalisation to ``data/``
+(STYLE.md principle 4). Per slice it applies RescaleSlope/Intercept and inverts MONOCHROME1;
+compressed transfer syntaxes (JPEG 2000, JPEG-LS, RLE, JPEG lossless) are decoded through
+pydicom's plugins (pylibjpeg-openjpeg, pyjpegls, pylibjpeg-rle, python-gdcm).
+
+Slices are ordered by ImagePositionPatient projected on the slice normal (row x column of
+ImageOrientationPatient), never by InstanceNumber. A folder whose slices have different
+orientations is split into stacks: slices whose normals point mostly along the same patient
+axis (L-R, A-P or S-I) form one stack, so the per-disc tilted blocks of an axial series stay
+together while a sagittal stack and an axial stack in one series are separated.
+
+A file that cannot be used (empty, truncated, not DICOM, no pixel data, multi-frame, colour)
+is skipped and listed in ``Volume.problems`` as ``(file, reason)``; only a folder with nothing
+readable raises ``SeriesReadError``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.dataset import Dataset
+from pydicom.errors import InvalidDicomError
+from pydicom.uid import UID
+
+from spinegrade.errors import UserError
+from spinegrade.io import geometry
+
+Problem = tuple[str, str]
+
+
+class SeriesReadError(UserError):
+    """A series folder holds no readable DICOM image."""
+
+
+@dataclass(frozen=True)
+class PixelMapping:
+    """Stored value -> returned value: RescaleSlope/Intercept, then MONOCHROME1 inverted.
+
+    MONOCHROME1 (low = bright) is mirrored within the range BitsStored allows,
+    ``v' = low + high - v`` with (low, high) the rescaled stored range, not within a slice's
+    own min/max, so every slice of a stack gets the same mapping. For 12-bit unsigned data
+    without rescale that is ``v' = 4095 - v``.
+    """
+
+    slope: float = 1.0
+    intercept: float = 0.0
+    monochrome1: bool = False
+    bits_stored: int = 16
+    signed: bool = False
+
+    @classmethod
+    def from_dataset(cls, ds: Dataset) -> PixelMapping:
+        """The mapping a file's header asks for (absent rescale tags: identity)."""
+        return cls(
+            slope=_float(ds.get("RescaleSlope"), 1.0),
+            intercept=_float(ds.get("RescaleIntercept"), 0.0),
+            monochrome1=str(ds.get("PhotometricInterpretation", "")).strip().upper()
+            == "MONOCHROME1",
+            bits_stored=int(_float(ds.get("BitsStored"), _float(ds.get("BitsAllocated"), 16.0))),
+            signed=int(_float(ds.get("PixelRepresentation"), 0.0)) == 1,
+        )
+
+    def value_range(self) -> tuple[float, float]:
+        """(low, high) of the values a pixel can take after rescaling."""
+        bits = self.bits_stored
+        lo, hi = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if self.signed else (0, 2**bits - 1)
+        a, b = lo * self.slope + self.intercept, hi * self.slope + self.intercept
+        return min(a, b), max(a, b)
+
+    def __call__(self, stored: np.ndarray) -> np.ndarray:
+        """Map stored values (any shape) to float32 returned values."""
+        out = stored.astype(np.float32)
+        if self.slope != 1.0 or self.intercept != 0.0:
+            out = out * np.float32(self.slope) + np.float32(self.intercept)
+        if self.monochrome1:
+            lo, hi = self.value_range()
+            out = np.float32(lo + hi) - out
+        return out
+
+    def window(self, center: float, width: float) -> np.ndarray:
+        """(center, width) on the returned scale: MONOCHROME1 mirrors the center too."""
+        if self.monochrome1:
+            lo, hi = self.value_range()
+            center = lo + hi - center
+        return np.array([center, width], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class SliceHeader:
+    """What the reader needs from one file's header (no pixels). NaN where a tag is absent."""
+
+    path: Path
+    instance_number: int
+    position: np.ndarray        # (3,) ImagePositionPatient, mm
+    orientation: np.ndarray     # (6,) ImageOrientationPatient
+    pixel_spacing: np.ndarray   # (2,) (row spacing, column spacing), mm
+    window: np.ndarray          # (2,) first (WindowCenter, WindowWidth), stored-value scale
+    rows: int
+    columns: int
+    photometric: str
+    mapping: PixelMapping       # stored value -> returned value
+    transfer_syntax_uid: str
+    series_instance_uid: str
+    series_description: str
+
+    @property
+    def has_geometry(self) -> bool:
+        """True when position and orientation are both present and usable."""
+        return bool(np.all(np.isfinite(self.position))
+                    and np.all(np.isfinite(geometry.slice_normal(self.orientation))))
+
+
+@dataclass
+class Volume:
+    """One stack of parallel slices of a series, in spatial order (ascending along ``normal``).
+
+    ``slices`` is empty when the stack was read without pixels (``load_pixels=False``); every
+    other per-slice array has one row per slice in the same order.
+    """
+
+    slices: list[np.ndarray]      # float32 2-D, rescaled, MONOCHROME1 inverted; shapes may differ
+    instance_numbers: np.ndarray  # (n,) int
+    positions: np.ndarray         # (n, 3) ImagePositionPatient, mm; NaN without geometry
+    normal_positions: np.ndarray  # (n,) IPP . normal, ascending; NaN without geometry
+    orientation: np.ndarray       # (6,) IOP shared by most slices
+    normal: np.ndarray            # (3,) row x column of ``orientation``
+    pixel_spacing: np.ndarray     # (n, 2) (row, column) spacing, mm; NaN where absent
+    windows: np.ndarray           # (n, 2) (center, width) on the returned value scale; NaN
+    series_instance_uid: str
+    series_description: str
+    transfer_syntax: str          # name, e.g. "JPEG 2000 Image Compression (Lossless Only)"
+    path: Path
+    problems: list[Problem] = field(default_factory=list)
+    shapes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
+    files: list[Path] = field(default_factory=list)  # (n,) source file of each slice
+    transfer_syntax_uid: str = ""
+
+    def __len__(self) -> int:
+        return len(self.instance_numbers)
+
+    def index_of(self, instance_number: int) -> int:
+        """Position in the stack of a slice given by InstanceNumber; KeyError if absent."""
+        hits = np.flatnonzero(self.instance_numbers == int(instance_number))
+        if hits.size == 0:
+            raise KeyError(f"instance {instance_number} is not in {self.path}")
+        return int(hits[0])
+
+    @property
+    def orientation_label(self) -> str:
+        """'SAG', 'COR', 'AX', 'oblique' or 'unknown' (see ``geometry.orientation_label``)."""
+        return geometry.orientation_label(self.normal)
+
+    @property
+    def slice_spacing(self) -> float:
+        """Median gap between slices along the normal, mm (NaN without geometry)."""
+        return geometry.slice_spacing(self.normal_positions)
+
+    @property
+    def instance_order(self) -> str:
+        """How InstanceNumber runs along the stack: 'ascending', 'descending' or 'shuffled'."""
+        diffs = np.diff(self.instance_numbers)
+        if np.all(diffs >= 0):
+            return "ascending"
+        if np.all(diffs <= 0):
+            return "descending"
+        return "shuffled"
+
+    @property
+    def instance_order_matches(self) -> bool:
+        """True when ascending InstanceNumber is also ascending position along the normal."""
+        return self.instance_order == "ascending"
+
+    def array(self) -> np.ndarray:
+        """The slices stacked as (n, rows, columns) float32; ValueError if shapes differ."""
+        if not self.slices:
+            raise ValueError(f"{self.path}: read without pixels (load_pixels=False)")
+        if len({s.shape for s in self.slices}) > 1:
+            raise ValueError(f"{self.path}: slices have different shapes; resize them first")
+        return np.stack(self.slices)
+
+
+# --- Reading one file --------------------------------------------------------------------------
+
+
+class UnusableFileError(Exception):
+    """One file cannot contribute a slice; the message is the reason listed in problems."""
+
+
+def _first(value: object) -> object:
+    """First item of a multi-valued element, the value itself otherwise.
+
+    Multi-valued WindowCenter/WindowWidth are common; ``int(ds.WindowCenter)`` on them is
+    the classic crash.
+    """
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return value[0] if len(value) else None
+    return value
+
+
+def _float(value: object, default: float = float("nan")) -> float:
+    """A tag value as float (first item if multi-valued); ``default`` if absent or unparsable."""
+    value = _first(value)
+    try:
+        out = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return default
+    return out if np.isfinite(out) else default
+
+
+def _floats(value: object, n: int) -> np.ndarray:
+    """A multi-valued tag as an (n,) float array; all NaN if absent or of the wrong length."""
+    try:
+        out = np.array([float(v) for v in value], dtype=np.float64)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        return np.full(n, np.nan)
+    return out if out.shape == (n,) else np.full(n, np.nan)
+
+
+def _instance_number(ds: Dataset, path: Path) -> tuple[int, str | None]:
+    """InstanceNumber, else the file name's number (RSNA names files ``<instance>.dcm``)."""
+    value = _float(ds.get("InstanceNumber"))
+    if np.isfinite(value):
+        return int(value), None
+    if re.fullmatch(r"\d+", path.stem):
+        return int(path.stem), "no InstanceNumber; taken from the file name"
+    raise UnusableFileError("no InstanceNumber and the file name is not a number")
+
+
+def _open(path: Path, with_pixels: bool) -> Dataset:
+    """Parse a file; ``force`` only as a fallback so non-DICOM files get a clear reason."""
+    if path.stat().st_size == 0:
+        raise UnusableFileError("empty file")
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=not with_pixels)
+    except InvalidDicomError:
+        pass  # no 'DICM' preamble: may still be a bare dataset, retried below
+    except Exception as e:  # pydicom raises many types on damaged files; none may stop a series
+        raise UnusableFileError(f"unreadable DICOM ({type(e).__name__}: {e})") from e
+    try:
+        ds = pydicom.dcmread(path, stop_before_pixels=not with_pixels, force=True)
+    except Exception as e:  # same reason as above
+        raise UnusableFileError("not a DICOM file") from e
+    if "Rows" not in ds or "SOPClassUID" not in ds:
+        raise UnusableFileError("not a DICOM file")
+    return ds
+
+
+def _transfer_syntax(ds: Dataset) -> str:
+    meta = getattr(ds, "file_meta", None)
+    uid = meta.get("TransferSyntaxUID") if meta is not None else None
+    # A bare dataset without file meta is implicit VR little endian by default.
+    return str(uid) if uid else pydicom.uid.ImplicitVRLittleEndian
+
+
+def read_header(path: str | Path, *, with_pixels: bool = False) -> tuple[SliceHeader, Dataset,
+                                                                          list[str]]:
+    """Read one file's header (and, with ``with_pixels``, its still-encoded pixel data).
+
+    Args:
+        path: a DICOM file.
+        with_pixels: also read PixelData so it can be decoded later without reopening the
+            file; otherwise parsing stops before the pixels (faster on big files).
+
+    Returns:
+        ``(header, dataset, notes)``: notes are non-fatal issues (e.g. InstanceNumber taken
+        from the file name).
+
+    Raises:
+        UnusableFileError: the file cannot give a slice; the message says why.
+    """
+    path = Path(path)
+    ds = _open(path, with_pixels)
+    if "Rows" not in ds or "Columns" not in ds:
+        raise UnusableFileError("not an image (no Rows/Columns)")
+    frames = int(_float(ds.get("NumberOfFrames"), 1.0))
+    if frames > 1:
+        raise UnusableFileError(f"multi-frame file ({frames} frames) is not supported")
+    if int(_float(ds.get("SamplesPerPixel"), 1.0)) != 1:
+        raise UnusableFileError("colour image (SamplesPerPixel > 1) is not supported")
+    if with_pixels and "PixelData" not in ds:
+        raise UnusableFileError("no pixel data")
+    instance, note = _instance_number(ds, path)
+    header = SliceHeader(
+        path=path,
+        instance_number=instance,
+        position=_floats(ds.get("ImagePositionPatient"), 3),
+        orientation=_floats(ds.get("ImageOrientationPatient"), 6),
+        pixel_spacing=_floats(ds.get("PixelSpacing"), 2),
+        window=np.array([_float(ds.get("WindowCenter")), _float(ds.get("WindowWidth"))]),
+        rows=int(ds.Rows),
+        columns=int(ds.Columns),
+        photometric=str(ds.get("PhotometricInterpretation", "MONOCHROME2")).strip().upper(),
+        mapping=PixelMapping.from_dataset(ds),
+        transfer_syntax_uid=_transfer_syntax(ds),
+        series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
+        series_description=str(ds.get("SeriesDescription", "")),
+    )
+    return header, ds, [note] if note else []
+
+
+def decode_pixels(ds: Dataset, header: SliceHeader) -> np.ndarray:
+    """Decode one slice to float32 values through ``header.mapping`` (see ``PixelMapping``).
+
+    Raises:
+        ValueError: (or a decoder's error) when the pixel data cannot be decoded.
+    """
+    arr = ds.pixel_array  # decoded by whichever installed plugin handles the transfer syntax
+    if arr.ndim != 2:
+        raise ValueError(f"expected one 2-D frame, got shape {arr.shape}")
+    return header.mapping(arr)
+
+
+def read_pixels(path: str | Path) -> np.ndarray:
+    """All frames of one file as float32 values (rescaled, MONOCHROME1 inverted).
+
+    For single files outside a series, including multi-frame ones the series reader skips:
+    returns (rows, columns) or (frames, rows, columns).
+
+    Raises:
+        UnusableFileError: the file is empty, not DICOM or unreadable.
+        ValueError: (or a decoder's error) when the pixel data cannot be decoded.
+    """
+    ds = _open(Path(path), with_pixels=True)
+    return PixelMapping.from_dataset(ds)(ds.pixel_array)
+
+
+# --- Folder -> headers -> stacks ----------------------------------------------------------------
+
+
+def _natural_key(path: Path) -> tuple[int, int | str]:
+    return (0, int(path.stem)) if path.stem.isdigit() else (1, path.name)
+
+
+def list_files(series_dir: str | Path) -> list[Path]:
+    """Regular, non-hidden files directly in ``series_dir``, numeric names in numeric order."""
+    with os.scandir(series_dir) as it:
+        files = [Path(e.path) for e in it if e.is_file() and not e.name.startswith(".")]
+    return sorted(files, key=_natural_key)
+
+
+def _read_headers(files: Iterable[Path], with_pixels: bool
+                  ) -> tuple[list[SliceHeader], dict[Path, Dataset], list[Problem]]:
+    headers: list[SliceHeader] = []
+    datasets: dict[Path, Dataset] = {}
+    problems: list[Problem] = []
+    for path in files:
+        try:
+            header, ds, notes = read_header(path, with_pixels=with_pixels)
+        except UnusableFileError as e:
+            problems.append((str(path), str(e)))
+            continue
+        except OSError as e:
+            problems.append((str(path), f"cannot open ({e.strerror or e})"))
+            continue
+        headers.append(header)
+        problems.extend((str(path), n) for n in notes)
+        if with_pixels:
+            datasets[path] = ds
+    return headers, datasets, problems
+
+
+def _split_stacks(headers: Sequence[SliceHeader]) -> list[list[SliceHeader]]:
+    """Group slices by the dominant axis of their normal; slices without geometry apart.
+
+    Returned largest first (ties: SAG, COR, AX, then the no-geometry group).
+    """
+    groups: dict[int, list[SliceHeader]] = {}
+    for h in headers:
+        key = geometry.dominant_axis(geometry.slice_normal(h.orientation)) if h.has_geometry else 3
+        groups.setdefault(key, []).append(h)
+    return [groups[k] for k in sorted(groups, key=lambda k: (-len(groups[k]), k))]
+
+
+def _reference_orientation(headers: Sequence[SliceHeader]) -> np.ndarray:
+    """The IOP most slices share (rounded to 1e-4 to absorb float noise in the tag)."""
+    geo = [h for h in headers if h.has_geometry]
+    if not geo:
+        return np.full(6, np.nan)
+    counts = Counter(tuple(np.round(h.orientation, 4)) for h in geo)
+    best = counts.most_common(1)[0][0]
+    return next(h.orientation for h in geo if tuple(np.round(h.orientation, 4)) == best)
+
+
+def _stack_problems(where: str, headers: Sequence[SliceHeader], normal: np.ndarray,
+                    normal_positions: np.ndarray) -> list[Problem]:
+    """Inconsistencies within one ordered stack, each reported once for the folder."""
+    problems: list[str] = []
+    inst = np.array([h.instance_number for h in headers])
+    if not np.all(np.isfinite(normal)):
+        problems.append(f"{len(headers)} slices without ImagePositionPatient/"
+                        "ImageOrientationPatient: ordered by InstanceNumber")
+    else:
+        for idx in geometry.duplicate_groups(normal_positions):
+            problems.append(f"instances {inst[idx].tolist()} share the position "
+                            f"{normal_positions[idx[0]]:.3f} mm along the normal; kept in "
+                            "InstanceNumber order")
+        normals = np.stack([geometry.slice_normal(h.orientation) for h in headers])
+        angle = geometry.max_angle_deg(normals, normal)
+        if angle > geometry.PARALLEL_TOLERANCE_DEG:
+            problems.append(f"slices are not parallel (normals differ by up to {angle:.1f} deg);"
+                            " ordered along the most common orientation")
+    values, counts = np.unique(inst, return_counts=True)
+    if np.any(counts > 1):
+        problems.append(f"duplicate InstanceNumber {values[counts > 1].tolist()}; "
+                        "index_of returns the first")
+    shapes = Counter((h.rows, h.columns) for h in headers)
+    if len(shapes) > 1:
+        listed = ", ".join(f"{r}x{c} ({n})" for (r, c), n in shapes.most_common())
+        problems.append(f"slices of different shapes: {listed}")
+    missing = sum(not np.all(np.isfinite(h.pixel_spacing)) for h in headers)
+    if missing:
+        problems.append(f"{missing} slices without PixelSpacing")
+    return [(where, p) for p in problems]
+
+
+def _build_volume(series_dir: Path, headers: Sequence[SliceHeader],
+                  slices: dict[Path, np.ndarray] | None, problems: list[Problem]) -> Volume:
+    """Order one stack spatially and gather its per-slice metadata into a Volume."""
+    orientation = _reference_orientation(headers)
+    normal = geometry.slice_normal(orientation)
+    inst = np.array([h.instance_number for h in headers], dtype=np.int64)
+    positions = np.stack([h.position for h in headers])
+    if np.all(np.isfinite(normal)):
+        normal_positions = positions @ normal
+        order = geometry.spatial_order(normal_positions, inst)
+    else:
+        normal_positions = np.full(len(headers), np.nan)
+        order = np.argsort(inst, kind="stable")
+    ordered = [headers[i] for i in order]
+    normal_positions = normal_positions[order]
+    syntaxes = Counter(h.transfer_syntax_uid for h in ordered)
+    main_syntax = syntaxes.most_common(1)[0][0]
+    return Volume(
+        slices=[slices[h.path] for h in ordered] if slices is not None else [],
+        instance_numbers=inst[order],
+        positions=positions[order],
+        normal_positions=normal_positions,
+        orientation=orientation,
+        normal=normal,
+        pixel_spacing=np.stack([h.pixel_spacing for h in ordered]),
+        windows=np.stack([h.mapping.window(*h.window) for h in ordered]),
+        series_instance_uid=ordered[0].series_instance_uid,
+        series_description=ordered[0].series_description,
+        transfer_syntax=" + ".join(UID(u).name for u, _ in syntaxes.most_common()),
+        path=series_dir,
+        problems=list(problems) + _stack_problems(str(series_dir), ordered, normal,
+                                                  normal_positions),
+        shapes=np.array([(h.rows, h.columns) for h in ordered], dtype=np.int64),
+        files=[h.path for h in ordered],
+        transfer_syntax_uid=main_syntax,
+    )
+
+
+def _decode_stack(headers: Sequence[SliceHeader], datasets: dict[Path, Dataset],
+                  problems: list[Problem]) -> tuple[list[SliceHeader], dict[Path, np.ndarray]]:
+    """Decode each slice once; slices that fail are dropped and reported."""
+    kept: list[SliceHeader] = []
+    slices: dict[Path, np.ndarray] = {}
+    for h in headers:
+        try:
+            slices[h.path] = decode_pixels(datasets.pop(h.path), h)
+        except Exception as e:  # a decoder may raise anything on damaged data; skip the slice
+            problems.append((str(h.path), f"cannot decode pixels ({type(e).__name__}: {e})"))
+            continue
+        kept.append(h)
+    return kept, slices
+
+
+def _scan(series_dir: str | Path, load_pixels: bool
+          ) -> tuple[Path, list[list[SliceHeader]], dict[Path, Dataset], list[Problem]]:
+    """Read every file's header once and split the folder into stacks."""
+    folder = Path(series_dir)
+    if not folder.is_dir():
+        raise SeriesReadError(f"{folder}: not a folder; pass a series folder of DICOM files")
+    files = list_files(folder)
+    if not files:
+        raise SeriesReadError(f"{folder}: no files; pass a series folder of DICOM files")
+    headers, datasets, problems = _read_headers(files, with_pixels=load_pixels)
+    if not headers:
+        reasons = Counter(reason for _, reason in problems).most_common(3)
+        summary = "; ".join(f"{r} ({n})" for r, n in reasons)
+        raise SeriesReadError(f"{folder}: none of its {len(files)} files is a readable DICOM "
+                              f"image: {summary}")
+    return folder, _split_stacks(headers), datasets, problems
+
+
+def _raise_if_empty(folder: Path, headers: Sequence[SliceHeader], problems: list[Problem]) -> None:
+    if not headers:
+        reasons = "; ".join(f"{Path(f).name}: {r}" for f, r in problems[:3])
+        raise SeriesReadError(f"{folder}: no slice could be decoded: {reasons}")
+
+
+def read_stacks(series_dir: str | Path, *, load_pixels: bool = True) -> list[Volume]:
+    """Every stack of a series folder, largest first, each in spatial order.
+
+    Args:
+        series_dir: a folder of DICOM files (one series).
+        load_pixels: decode the pixels; ``False`` reads headers only (fast: for ``inspect``),
+            leaving ``Volume.slices`` empty and not checking that pixel data is present.
+
+    Returns:
+        One Volume per stack; each carries the folder's unreadable-file problems too.
+
+    Raises:
+        SeriesReadError: the folder is missing or holds no readable DICOM image.
+    """
+    folder, stacks, datasets, problems = _scan(series_dir, load_pixels)
+    if len(stacks) > 1:
+        problems.append((str(folder), _stacks_note(stacks)))
+    decoded: list[tuple[list[SliceHeader], dict[Path, np.ndarray] | None]] = []
+    for headers in stacks:
+        slices = None
+        if load_pixels:
+            headers, slices = _decode_stack(headers, datasets, problems)
+        if headers:
+            decoded.append((headers, slices))
+    if not decoded:
+        _raise_if_empty(folder, [], problems)
+    return [_build_volume(folder, h, s, problems) for h, s in decoded]
+
+
+def _choose(stacks: list[list[SliceHeader]], wanted: Sequence[int] | None) -> int:
+    """Index of the stack holding most of ``wanted`` instance numbers (ties: the larger)."""
+    if not wanted:
+        return 0
+    want = {int(i) for i in wanted}
+    scores = [(sum(h.instance_number in want for h in s), len(s)) for s in stacks]
+    return max(range(len(stacks)), key=lambda i: scores[i])
+
+
+def read_series(series_dir: str | Path, instance_numbers: Sequence[int] | None = None, *,
+                load_pixels: bool = True) -> Volume:
+    """The stack of a series folder that the labels refer to, in spatial order.
+
+    Args:
+        series_dir: a folder of DICOM files (one series).
+        instance_numbers: instance numbers the caller needs (e.g. its label rows); the stack
+            holding most of them is chosen. ``None``: the largest stack.
+        load_pixels: decode the pixels of the chosen stack (each file is read once); ``False``
+            reads headers only.
+
+    Returns:
+        The chosen stack. Its ``problems`` list skipped files, inconsistencies, the stacks not
+        chosen and any requested instance number it lacks.
+
+    Raises:
+        SeriesReadError: the folder is missing or nothing in it is readable.
+    """
+    folder, stacks, datasets, problems = _scan(series_dir, load_pixels)
+    chosen = _choose(stacks, instance_numbers)
+    headers = stacks[chosen]
+    if len(stacks) > 1:
+        problems.append((str(folder), f"{_stacks_note(stacks)}; read "
+                                      f"{_stack_label(headers)} ({len(headers)} slices)"))
+    slices = None
+    if load_pixels:
+        headers, slices = _decode_stack(headers, datasets, problems)
+        _raise_if_empty(folder, headers, problems)
+    if instance_numbers is not None:
+        have = {h.instance_number for h in headers}
+        missing = sorted({int(i) for i in instance_numbers} - have)
+        if missing:
+            problems.append((str(folder), f"requested instance numbers {missing} are not in "
+                                          "the stack read"))
+    return _build_volume(folder, headers, slices, problems)
+
+
+def _stacks_note(stacks: Sequence[Sequence[SliceHeader]]) -> str:
+    listed = ", ".join(f"{_stack_label(s)} ({len(s)} slices)" for s in stacks)
+    return f"folder holds {len(stacks)} stacks of different orientations: {listed}"
+
+
+def _stack_label(headers: Sequence[SliceHeader]) -> str:
+    return geometry.orientation_label(geometry.slice_normal(_reference_orientation(headers)))
+
+
+def find_series_dirs(root: str | Path) -> list[Path]:
+    """Series folders under ``root`` (itself included): folders holding at least one file.
+
+    Works on a series folder, a study folder or a dataset's ``*_images`` folder.
+    """
+    root = Path(root)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        if any(not f.startswith(".") for f in filenames):
+            found.append(Path(dirpath))
+    return sorted(found, key=lambda p: [_natural_key(Path(part)) for part in p.parts])

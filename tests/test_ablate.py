@@ -1,0 +1,91 @@
+"""The version comparison: planning, reuse of finished runs, and the summary table."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pandas as pd
+
+from spinegrade.engine import ablate
+
+
+def _write_metrics(run_dir, epochs, never_predicts=None, best_epoch=2, seed=0):
+    """A metrics.csv whose predictions never contain class ``never_predicts``."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for e in range(1, epochs + 1):
+        counts = {"normal_mild": 80, "moderate": 12, "severe": 8}
+        if never_predicts:
+            counts[never_predicts] = 0
+        rows.append(dict(
+            epoch=e, balanced_accuracy=0.9 if e == best_epoch else 0.5 + 0.01 * rng.random(),
+            recall_normal_mild=0.8 + 0.01 * e, recall_moderate=0.0 if never_predicts == "moderate"
+            else 0.6, recall_severe=0.7, weighted_logloss=1.0 / e,
+            **{f"pred_count_{k}": v for k, v in counts.items()},
+            confusion_matrix=json.dumps([[1, 0, 0], [0, 1, 0], [0, 0, 1]])))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(rows).to_csv(run_dir / "metrics.csv", index=False)
+
+
+def test_dead_class_column_names_the_class_and_epochs(tmp_path):
+    runs = ablate.plan_runs(["v5", "v8"], [0], tmp_path, preset="ablate-demo")
+    for r in runs:
+        _write_metrics(r.run_dir, r.cfg.train.epochs,
+                       never_predicts="moderate" if r.label == "v5" else None)
+    table = ablate.build_table(runs).set_index("Version")
+    epochs = runs[0].cfg.train.epochs
+    assert table.loc["v5", "Dead class?"] == (
+        f"moderate (fold 0: ep {','.join(str(e) for e in range(1, epochs + 1))})")
+    assert table.loc["v8", "Dead class?"] == "no"
+    assert table.loc["v5", "Recall moderate"] == 0.0
+    # Best BA is 0.9 at epoch 2 in both runs; recall there is 0.8 + 0.02.
+    assert table.loc["v8", "Best BA"] == "0.900 ± 0.000"
+    assert table.loc["v8", "Best epoch"] == "2"
+    assert table.loc["v8", "Recall normal_mild"] == 0.82
+    assert table.loc["v8", "Weighted log loss"] == 0.5
+
+
+def test_plan_applies_preset_overrides_and_one_factor(tmp_path):
+    runs = ablate.plan_runs(["v4"], [0, 1], tmp_path, preset="ablate-demo",
+                            overrides=["train.epochs=3"], one_factor="v8")
+    labels = sorted({r.label for r in runs})
+    assert "v4" in labels and "v8:swa=off" in labels and "v8:sampler=weighted" in labels
+    assert len(runs) == 2 * (1 + len(ablate.ONE_FACTOR_ABLATIONS))
+    v4 = [r for r in runs if r.label == "v4"]
+    assert [r.cfg.data.fold for r in v4] == [0, 1]
+    assert all(r.cfg.train.epochs == 3 for r in runs)  # --set wins over the preset
+    assert all(r.cfg.model.backbone == "mobilenetv3_small_050" for r in runs)  # preset
+    swa_off = next(r for r in runs if r.label == "v8:swa=off")
+    assert swa_off.cfg.train.swa is False
+    assert len({r.run_dir for r in runs}) == len(runs)
+
+
+def test_finished_runs_are_reused(tmp_path):
+    runs = ablate.plan_runs(["v8"], [0], tmp_path, preset="ablate-demo")
+    calls = []
+
+    def fake_train(cfg, cache, run_dir, fold):
+        calls.append(run_dir)
+        _write_metrics(run_dir, cfg.train.epochs)
+
+    first = ablate.execute(runs, tmp_path, fake_train)
+    second = ablate.execute(runs, tmp_path, fake_train)
+    assert list(first["status"]) == ["trained"]
+    assert list(second["status"]) == ["reused"]
+    assert len(calls) == 1
+    # An unfinished run (fewer epochs than configured) is trained again.
+    _write_metrics(runs[0].run_dir, runs[0].cfg.train.epochs - 1)
+    assert list(ablate.execute(runs, tmp_path, fake_train)["status"]) == ["trained"]
+
+
+def test_outputs_written(tmp_path):
+    runs = ablate.plan_runs(["v6", "v8"], [0], tmp_path, preset="ablate-demo")
+    for r in runs:
+        _write_metrics(r.run_dir, r.cfg.train.epochs)
+    ablate.write_outputs(runs, tmp_path)
+    md = (tmp_path / "table.md").read_text()
+    assert md.splitlines()[0].startswith("| Version | Architecture | Loss | Best BA")
+    assert "coral" in md  # v6's head shows in its architecture string
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+    assert len(pd.read_csv(tmp_path / "table.csv")) == 2

@@ -1,0 +1,159 @@
+"""``prepare`` end to end: damaged inputs, naive-path equality, resume, CLI, gallery."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from dicom_fixtures import write_broken_file, write_series
+
+from spinegrade.cli import main
+from spinegrade.config import DataConfig
+from spinegrade.constants import LEVEL_TITLES, SEVERITIES, TRAIN_COLUMNS, train_column
+from spinegrade.data.cache import CropCache, crops_from_dicom, prepare
+from spinegrade.data.preprocess import CropRequest
+from spinegrade.data.rsna import read_problems
+
+SPINAL = "spinal_canal_stenosis"
+CFG = DataConfig(img_size=16, n_slices=7)
+
+
+def _pixels(study: int):
+    def fn(k: int, shape: tuple[int, int]) -> np.ndarray:
+        rng = np.random.default_rng(study * 100 + k)
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        return (300 + 4 * xx + 2 * yy + rng.integers(0, 200, shape)).astype(np.uint16)
+    return fn
+
+
+def make_dataset(root: Path, n_studies: int = 6, n: int = 9, shape=(48, 48)) -> Path:
+    """A tiny RSNA-layout dataset: one Sagittal T2/STIR series per study, 5 spinal labels."""
+    train, coords, series = [], [], []
+    for s in range(1, n_studies + 1):
+        study, sid = 1000 + s, 5000 + s
+        inst = list(np.random.default_rng(s).permutation(n) + 1)  # not in spatial order
+        write_series(root / "train_images" / str(study) / str(sid), n=n, shape=shape,
+                     instance_numbers=inst, pixel_fn=_pixels(s), window=(600, 800) if s % 2 else None)
+        row = {"study_id": study}
+        for li, title in enumerate(LEVEL_TITLES):
+            row[train_column(SPINAL, title.lower().replace("/", "_"))] = SEVERITIES[(s + li) % 3]
+            # spinal points on different instances per level (as in 433 real series)
+            coords.append(f"{study},{sid},{inst[(li + s) % n]},Spinal Canal Stenosis,{title},"
+                          f"{10 + 5 * li}.5,{12 + 4 * li}")
+        train.append(row)
+        series.append(f"{study},{sid},Sagittal T2/STIR")
+    pd.DataFrame(train, columns=list(TRAIN_COLUMNS)).to_csv(root / "train.csv", index=False)
+    (root / "train_label_coordinates.csv").write_text(
+        "study_id,series_id,instance_number,condition,level,x,y\n" + "\n".join(coords) + "\n")
+    (root / "train_series_descriptions.csv").write_text(
+        "study_id,series_id,series_description\n" + "\n".join(series) + "\n")
+    return root
+
+
+def _series_dir(root: Path, s: int) -> Path:
+    return root / "train_images" / str(1000 + s) / str(5000 + s)
+
+
+def test_damaged_inputs_end_up_in_problems(tmp_path):
+    root = make_dataset(tmp_path / "data")
+    # 1: a truncated file; 2: an empty file; 3: a non-DICOM file; 4: a 4-slice series;
+    # 5: an out-of-image point; 6: the series folder is gone.
+    first = sorted(_series_dir(root, 1).glob("*.dcm"))[0]
+    write_broken_file(_series_dir(root, 1) / "99.dcm", "truncated", source=first)
+    write_broken_file(_series_dir(root, 2) / "98.dcm", "empty")
+    write_broken_file(_series_dir(root, 3) / "notes.dcm", "text")
+    shutil.rmtree(_series_dir(root, 4))
+    write_series(_series_dir(root, 4), n=4, shape=(48, 48), instance_numbers=[1, 2, 3, 4])
+    coords = pd.read_csv(root / "train_label_coordinates.csv")
+    coords.loc[coords["study_id"] == 1004, "instance_number"] = 2
+    coords.loc[(coords["study_id"] == 1005) & (coords["level"] == "L3/L4"), "x"] = 480.0
+    coords.to_csv(root / "train_label_coordinates.csv", index=False)
+    shutil.rmtree(_series_dir(root, 6))
+
+    cache = CropCache.open(prepare(root, tmp_path / "cache", CFG, workers=1, progress=False))
+    problems = read_problems(cache.path / "problems.csv")
+    found = {(p.study_id, p.kind, p.severity) for p in problems}
+    assert (1001, "unreadable_file", "skipped") in found
+    assert (1002, "unreadable_file", "skipped") in found
+    assert (1003, "unreadable_file", "skipped") in found
+    assert (1004, "short_series", "warning") in found
+    assert (1005, "coordinate_out_of_image", "skipped") in found
+    assert (1006, "missing_series", "skipped") in found
+    files = {p.file for p in problems if p.kind == "unreadable_file"}
+    assert {"train_images/1001/5001/99.dcm", "train_images/1002/5002/98.dcm",
+            "train_images/1003/5003/notes.dcm"} <= files
+    # Everything else was prepared: 6 studies x 5 levels - 1 out of image - 5 missing.
+    assert len(cache) == 24 and cache.crops.shape == (24, 7, 3, 16, 16)
+    assert cache.meta["counts_problems"]["missing_series"] == 5  # one per label row
+    short = cache.index[cache.index["study_id"] == 1004]
+    assert len(short) == 5
+    crop = cache.crops[int(short["row"].iloc[0])]
+    np.testing.assert_array_equal(crop[0], crop[1])  # 4 slices: edges replicated
+
+
+def test_cached_crop_equals_naive_path(tmp_path):
+    root = make_dataset(tmp_path / "data", n_studies=2)
+    cfg = DataConfig(img_size=20, crop_radius_scale=0.6, n_slices=5)
+    cache = CropCache.open(prepare(root, tmp_path / "cache", cfg, workers=1, progress=False))
+    assert len(cache) == 10
+    for r in cache.index.itertuples():
+        (naive,) = crops_from_dicom(root / "train_images" / str(r.study_id) / str(r.series_id),
+                                    [CropRequest(r.instance_number, r.x, r.y)], cfg)
+        np.testing.assert_array_equal(cache.crops[r.row], naive)
+
+
+def test_rerun_reuses_and_setting_change_makes_new_cache(tmp_path, capsys):
+    root = make_dataset(tmp_path / "data", n_studies=2)
+    args = ["prepare", str(root), "--out", str(tmp_path / "cache"), "--config", "demo",
+            "--set", "data.img_size=24", "--workers", "1", "--no-progress"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "samples: 10" in out and "cache: " in out
+    first = CropCache.open(next((tmp_path / "cache").iterdir()))
+    mtime = (first.path / "crops.npy").stat().st_mtime_ns
+    assert main(args) == 0  # complete: reused as is
+    assert (first.path / "crops.npy").stat().st_mtime_ns == mtime
+    assert main(args[:-5] + ["--set", "data.img_size=48", "--no-progress"]) == 0
+    caches = sorted(p.name for p in (tmp_path / "cache").iterdir())
+    assert len(caches) == 2 and first.path.name in caches
+    assert CropCache.open(tmp_path / "cache" / caches[1 - caches.index(first.path.name)]
+                          ).crops.shape[-1] == 48
+    assert main(["gallery", str(first.path), "--per-class", "2",
+                 "--out", str(tmp_path / "g.png")]) == 0
+    assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+@pytest.mark.slow
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
+    root = make_dataset(tmp_path / "data", n_studies=16, n=15, shape=(192, 192))
+    cmd = [sys.executable, "-m", "spinegrade.cli", "prepare", str(root), "--no-progress",
+           "--workers", "2", "--set", "data.img_size=64"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:
+        if len(list((tmp_path / "killed").glob("*/shards/*.npz"))) >= 2:
+            break
+        time.sleep(0.005)
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the CLI and its workers
+    proc.wait()
+    cache_dirs = list((tmp_path / "killed").iterdir())
+    assert not (cache_dirs[0] / "meta.json").exists(), "finished before the kill; enlarge"
+    assert 2 <= len(list(cache_dirs[0].glob("shards/*.npz"))) < 16
+
+    subprocess.run(cmd + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    ref, again = (next((tmp_path / d).iterdir()) for d in ("ref", "killed"))
+    assert ref.name == again.name
+    for name in ("crops.npy", "index.csv", "problems.csv"):
+        assert (ref / name).read_bytes() == (again / name).read_bytes(), name
+    assert not (again / "shards").exists()

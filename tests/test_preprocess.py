@@ -1,0 +1,153 @@
+"""Preprocessing transforms checked against hand-computed values."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import pytest
+
+from dicom_fixtures import write_series
+from spinegrade.config import DataConfig
+from spinegrade.data.preprocess import (
+    Clahe,
+    CoordinateOutOfImage,
+    CropRequest,
+    CropResize,
+    FileWindow,
+    FixedWindow,
+    PercentileWindow,
+    WindowStack,
+    apply_window,
+    build_cropper,
+    crop_box,
+    crop_radius_px,
+    crop_with_padding,
+    map_point,
+    slice_indices,
+)
+from spinegrade.io.dicom import read_series
+
+NAN = (float("nan"), float("nan"))
+
+
+def test_fixed_window_on_a_ramp():
+    # Soft window (50, 350) spans [-125, 225]: -125 -> 0, 225 -> 255, 15 -> 140 * 255/350 = 102.
+    ramp = np.array([[-1000.0, -125.0, 15.0, 225.0, 4000.0]], dtype=np.float32)
+    assert FixedWindow(50, 350)(ramp).tolist() == [[0, 0, 102, 255, 255]]
+    # Bone window (400, 2000) spans [-600, 1400]: 0 -> 600 * 255/2000 = 76.5 -> 76 (to even).
+    assert FixedWindow(400, 2000)(np.array([[0.0, 400.0, 1400.0]])).tolist() == [[76, 128, 255]]
+
+
+def test_percentile_and_file_windows():
+    ramp = np.arange(1001, dtype=np.float32)[None, :]  # 0..1000
+    # Percentiles 10/90 of 0..1000 are 100/900; 260 -> 160 * 255/800 = 51.
+    assert PercentileWindow(10, 90).bounds(ramp, NAN) == (100.0, 900.0)
+    assert PercentileWindow(10, 90)(ramp)[0, 260] == 51
+    file_window = FileWindow(PercentileWindow(0, 100))
+    # The file's own window (center 100, width 200) -> [0, 200]: 40 -> 51.
+    assert file_window.bounds(ramp, (100.0, 200.0)) == (0.0, 200.0)
+    assert file_window(ramp, (100.0, 200.0))[0, 40] == 51
+    # No window in the file (NaN) or a zero width -> the percentile fallback [0, 1000].
+    assert file_window.bounds(ramp, NAN) == (0.0, 1000.0)
+    assert file_window.bounds(ramp, (100.0, 0.0)) == (0.0, 1000.0)
+
+
+def test_window_stack_and_constant_image():
+    img = np.full((4, 5), 7.0, dtype=np.float32)
+    out = WindowStack([FixedWindow(50, 350), FixedWindow(400, 2000), PercentileWindow(1, 99)])(img)
+    assert out.shape == (3, 4, 5) and out.dtype == np.uint8
+    assert apply_window(img, 7.0, 7.0).max() == 0  # degenerate window: no division by zero
+
+
+def test_clahe_matches_opencv_per_channel():
+    rng = np.random.default_rng(0)
+    chw = rng.integers(0, 256, (3, 40, 48), dtype=np.uint8)
+    out = Clahe(2.0, 8)(chw)
+    ref = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
+    assert out.shape == chw.shape and out.dtype == np.uint8
+    for c in range(3):
+        np.testing.assert_array_equal(out[c], ref.apply(chw[c]))
+
+
+def test_crop_at_origin_is_zero_padded_not_shifted():
+    chw = (np.arange(20 * 20).reshape(1, 20, 20) % 250 + 1).astype(np.uint8).repeat(3, 0)
+    assert crop_box(0.0, 0.0, 5, 5) == (-5, -5, 5, 5)
+    patch = crop_with_padding(chw, crop_box(0.0, 0.0, 5, 5))
+    assert patch.shape == (3, 10, 10)
+    assert not patch[:, :5, :].any() and not patch[:, :, :5].any()  # outside: zeros
+    np.testing.assert_array_equal(patch[:, 5:, 5:], chw[:, :5, :5])  # inside: unshifted
+    # Bottom-right corner: the image fills the top-left quadrant only.
+    patch = crop_with_padding(chw, crop_box(19.0, 19.0, 5, 5))
+    np.testing.assert_array_equal(patch[:, :6, :6], chw[:, 14:, 14:])
+    assert not patch[:, 6:, :].any() and not patch[:, :, 6:].any()
+    # Half pixels round up (DICOM pixel centres), not to even.
+    assert crop_box(2.5, 3.49, 1, 1) == (2, 2, 4, 4)
+
+
+def test_crop_resize_output_size():
+    chw = np.full((3, 50, 60), 200, dtype=np.uint8)
+    out = CropResize(16, "area")(chw, 30.0, 25.0, 12, 12)
+    assert out.shape == (3, 16, 16) and (out == 200).all()
+    assert CropResize(16, "linear")(chw, 0.0, 0.0, 12, 12)[:, 0, 0].tolist() == [0, 0, 0]
+
+
+def test_slice_selection_and_edge_replication():
+    assert slice_indices(1, 4, 7).tolist() == [0, 0, 0, 1, 2, 3, 3]
+    assert slice_indices(5, 10, 7).tolist() == [2, 3, 4, 5, 6, 7, 8]
+    assert slice_indices(0, 1, 3).tolist() == [0, 0, 0]
+
+
+def test_radius_native_and_mm():
+    assert crop_radius_px(224, 0.75, 0.0, (0.5, 0.5)) == (168, 168)
+    # 20 mm over column spacing 0.8 -> rx 25; over row spacing 0.5 -> ry 40.
+    assert crop_radius_px(224, 0.75, 20.0, (0.5, 0.8)) == (25, 40)
+    with pytest.raises(ValueError):
+        crop_radius_px(224, 0.75, 20.0, (float("nan"), 0.5))
+
+
+def test_map_point_through_patient_coordinates():
+    iop = np.array([0.0, 1.0, 0.0, 0.0, 0.0, -1.0])  # sagittal: x along +y, y along -z
+    src, dst = np.array([0.0, 0.0, 0.0]), np.array([3.0, 5.0, 0.0])
+    # dst is 5 mm further along the row direction and twice as coarse.
+    x, y = map_point(30.0, 8.0, src, np.array([0.5, 0.5]), dst, np.array([1.0, 1.0]), iop)
+    assert (x, y) == pytest.approx(((30 * 0.5 - 5) / 1.0, 8 * 0.5 / 1.0))
+
+
+def test_volume_cropper_order_replication_and_mm(tmp_path):
+    # 4 sagittal slices, instance numbers shuffled: the reader returns decreasing k
+    # (ascending along the normal), i.e. instances [2, 4, 1, 3].
+    write_series(tmp_path / "s", n=4, shape=(40, 40), instance_numbers=[3, 1, 4, 2])
+    vol = read_series(tmp_path / "s")
+    assert vol.instance_numbers.tolist() == [2, 4, 1, 3]
+    cfg = DataConfig(img_size=16, n_slices=7)
+    cropper = build_cropper(cfg)
+    plan = cropper.slice_plan(vol, CropRequest(4, 20.0, 20.0))
+    assert [vol.instance_numbers[j] for j, *_ in plan] == [2, 2, 2, 4, 1, 3, 3]
+    assert {(rx, ry) for *_, rx, ry in plan} == {(12, 12)}  # 0.75 * 16
+    (crop,) = cropper(vol, [CropRequest(4, 20.0, 20.0)])
+    assert crop.shape == (7, 3, 16, 16) and crop.dtype == np.uint8
+    np.testing.assert_array_equal(crop[0], crop[2])  # replicated edge
+    np.testing.assert_array_equal(crop[5], crop[6])
+    assert not np.array_equal(crop[3], crop[4])
+    # 5 mm radius at PixelSpacing 0.5 mm -> 10 px half-width.
+    mm = build_cropper(DataConfig(img_size=16, crop_radius_mm=5.0))
+    assert mm.slice_plan(vol, CropRequest(4, 20.0, 20.0))[3][3:] == (10, 10)
+    # Out-of-image and unknown instances are returned as errors, not raised.
+    errors = cropper(vol, [CropRequest(4, 40.0, 3.0), CropRequest(99, 1.0, 1.0)])
+    assert isinstance(errors[0], CoordinateOutOfImage) and isinstance(errors[1], KeyError)
+
+
+def test_neighbour_with_other_grid_is_mapped(tmp_path):
+    # Slice k=1 is 64x64 (others 40x40) and shifted 5 mm along the row direction (+y).
+    positions = [(-10.0, 0, 0), (0.0, 5.0, 0), (10.0, 0, 0)]
+    write_series(tmp_path / "s", n=3, shapes=[(40, 40), (64, 64), (40, 40)],
+                 positions=positions, pixel_spacing=(0.5, 0.5))
+    vol = read_series(tmp_path / "s")
+    cropper = build_cropper(DataConfig(img_size=8, n_slices=3))
+    centre = int(vol.instance_numbers[0])  # ascending along -x: k=2 first
+    plan = cropper.slice_plan(vol, CropRequest(centre, 20.0, 12.0))
+    assert [j for j, *_ in plan] == [0, 0, 1]
+    assert plan[1][1:3] == (20.0, 12.0)  # same grid: raw pixels reused
+    j, x, y, _, _ = plan[2]
+    assert vol.slices[j].shape == (64, 64)
+    assert (x, y) == pytest.approx((20.0 - 10.0, 12.0))  # 5 mm / 0.5 mm = 10 px
