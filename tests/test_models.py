@@ -10,7 +10,7 @@ import torch
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
-from spinegrade.config import load_config
+from spinegrade.config import ConfigError, load_config
 from spinegrade.constants import CORAL_PRIOR_LOGITS, NUM_CLASSES, NUM_LEVELS, PRIOR_LOGITS
 from spinegrade.errors import UserError
 from spinegrade.losses import build_loss
@@ -175,6 +175,25 @@ def _synthetic_set(n: int = 100, seed: int = 0) -> dict[str, torch.Tensor]:
             "level": torch.randint(0, NUM_LEVELS, (n,), generator=g)}
 
 
+def _frozen_calibrated_model(cfg, data):
+    """v8 model with a frozen backbone whose BN statistics are computed on ``data``.
+
+    Stands in for a pretrained backbone: a random one keeps BN's default running statistics,
+    which shrink its features ~1000x, far below the level embedding's scale.
+    """
+    model = build_model(cfg.model, n_slices=S)
+    for m in model.backbone.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.reset_running_stats()
+            m.momentum = None  # cumulative average: one pass gives the exact statistics
+    model.train()
+    with torch.no_grad():
+        model.backbone(model._images(data["image"]))
+    model.set_backbone_trainable(False)
+    model.train()
+    return model
+
+
 def _epoch(model, loss_fn, data, opt, batch_size, g):
     """One epoch; returns per-class |gradient| of the classifier's rows, summed over steps."""
     class_grad = torch.zeros(NUM_CLASSES)
@@ -192,12 +211,10 @@ def _epoch(model, loss_fn, data, opt, batch_size, g):
 def test_step2_frozen_backbone_every_class_gets_gradient_every_epoch():
     torch.manual_seed(0)
     cfg = tiny_cfg("v8")
-    model = build_model(cfg.model, n_slices=S)
-    model.set_backbone_trainable(False)
-    model.train()
+    data, g = _synthetic_set(), torch.Generator().manual_seed(1)
+    model = _frozen_calibrated_model(cfg, data)
     loss_fn = build_loss(cfg.loss, head=cfg.model.head)
     opt = torch.optim.AdamW(model.head_parameters(), lr=3e-3)
-    data, g = _synthetic_set(), torch.Generator().manual_seed(1)
     for epoch in range(5):
         grad = _epoch(model, loss_fn, data, opt, 20, g)
         assert (grad > 0).all(), f"epoch {epoch}: a class received no gradient: {grad}"
@@ -206,12 +223,14 @@ def test_step2_frozen_backbone_every_class_gets_gradient_every_epoch():
 def test_step3_one_epoch_predicts_all_three_classes():
     torch.manual_seed(0)
     cfg = tiny_cfg("v8")  # weighted CE [1, 2, 4] and the prior bias
-    model = build_model(cfg.model, n_slices=S)
-    model.set_backbone_trainable(False)
+    data = _synthetic_set()
+    model = _frozen_calibrated_model(cfg, data)
+    with torch.no_grad():
+        before = model.eval()(data["image"], data["level"])["logits"].argmax(-1)
+    assert set(before.tolist()) == {0}, "before training, the prior bias predicts Normal only"
     model.train()
     loss_fn = build_loss(cfg.loss, head=cfg.model.head)
-    opt = torch.optim.AdamW(model.head_parameters(), lr=1e-2)
-    data = _synthetic_set()
+    opt = torch.optim.AdamW(model.head_parameters(), lr=3e-3)
     _epoch(model, loss_fn, data, opt, 10, torch.Generator().manual_seed(1))
     model.eval()
     with torch.no_grad():
@@ -249,7 +268,7 @@ def test_pretrained_path_adapts_a_3_channel_stem_to_7_channels(tmp_path):
     assert stem.shape[1] == S and model.normalize.mean.shape[1] == S
     torch.testing.assert_close(stem.detach(), adapt_input_conv(S, source.conv_stem.weight.detach()))
     torch.testing.assert_close(model.backbone.bn1.weight.detach(), source.bn1.weight.detach())
-    assert model.weights.source == "file" and not model.weights.missing_keys
+    assert model.backbone_weights.source == "file" and not model.backbone_weights.missing_keys
 
 
 def test_pretrained_path_errors_name_the_file(tmp_path):
@@ -263,13 +282,20 @@ def test_pretrained_path_errors_name_the_file(tmp_path):
         create_backbone("tf_efficientnetv2_ss", pretrained=False)
 
 
+def test_input_mode_and_aggregator_must_agree():
+    with pytest.raises(ConfigError, match="input_mode=channels"):
+        build_model(tiny_cfg("v8", "model.input_mode=channels").model)
+    with pytest.raises(ConfigError, match="input_mode=channels"):
+        build_model(tiny_cfg("v8", "model.aggregator=none").model)
+
+
 def test_default_v8_is_efficientnetv2_s_rgb_1280():
     cfg = load_config("configs/v8.yaml", ["model.pretrained=false"])
     model = build_model(cfg.model, n_slices=S)
     assert model.backbone.pretrained_cfg["architecture"] == "tf_efficientnetv2_s"
     assert model.backbone.conv_stem.in_channels == 3 and model.num_features == 1280
     torch.testing.assert_close(model.normalize.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
-    assert model.weights.source == "random"
+    assert model.backbone_weights.source == "random"
 
 
 def test_hub_unreachable_falls_back_to_random_init_with_a_warning(monkeypatch, caplog):
@@ -284,7 +310,7 @@ def test_hub_unreachable_falls_back_to_random_init_with_a_warning(monkeypatch, c
     cfg = tiny_cfg("v8", "model.pretrained=true")
     with caplog.at_level(logging.WARNING, logger="spinegrade.models.backbone"):
         model = build_model(cfg.model, n_slices=S)
-    assert model.weights.source == "random" and "no network" in model.weights.detail
+    assert model.backbone_weights.source == "random" and "no network" in model.backbone_weights.detail
     msgs = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(msgs) == 1 and "RANDOMLY INITIALISED" in msgs[0]
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from dicom_fixtures import write_broken_file, write_series
 
+from dicom_fixtures import write_broken_file, write_series
 from spinegrade.cli import main
 from spinegrade.config import DataConfig
 from spinegrade.constants import LEVEL_TITLES, SEVERITIES, TRAIN_COLUMNS, train_column
@@ -142,14 +142,14 @@ def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "killed").glob("*/shards/*.npz"))) >= 2:
+        if len(list((tmp_path / "killed").glob("*/shards/*.json"))) >= 2:
             break
         time.sleep(0.005)
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the CLI and its workers
     proc.wait()
     cache_dirs = list((tmp_path / "killed").iterdir())
     assert not (cache_dirs[0] / "meta.json").exists(), "finished before the kill; enlarge"
-    assert 2 <= len(list(cache_dirs[0].glob("shards/*.npz"))) < 16
+    assert 2 <= len(list(cache_dirs[0].glob("shards/*.json"))) < 16
 
     subprocess.run(cmd + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
     ref, again = (next((tmp_path / d).iterdir()) for d in ("ref", "killed"))

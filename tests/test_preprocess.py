@@ -34,8 +34,9 @@ def test_fixed_window_on_a_ramp():
     # Soft window (50, 350) spans [-125, 225]: -125 -> 0, 225 -> 255, 15 -> 140 * 255/350 = 102.
     ramp = np.array([[-1000.0, -125.0, 15.0, 225.0, 4000.0]], dtype=np.float32)
     assert FixedWindow(50, 350)(ramp).tolist() == [[0, 0, 102, 255, 255]]
-    # Bone window (400, 2000) spans [-600, 1400]: 0 -> 600 * 255/2000 = 76.5 -> 76 (to even).
-    assert FixedWindow(400, 2000)(np.array([[0.0, 400.0, 1400.0]])).tolist() == [[76, 128, 255]]
+    # Bone window (400, 2000) spans [-600, 1400]: 10 -> 610 * 255/2000 = 77.8 -> 78;
+    # 402 -> 1002 * 255/2000 = 127.8 -> 128.
+    assert FixedWindow(400, 2000)(np.array([[10.0, 402.0, 1400.0]])).tolist() == [[78, 128, 255]]
 
 
 def test_percentile_and_file_windows():
@@ -70,25 +71,29 @@ def test_clahe_matches_opencv_per_channel():
 
 
 def test_crop_at_origin_is_zero_padded_not_shifted():
-    chw = (np.arange(20 * 20).reshape(1, 20, 20) % 250 + 1).astype(np.uint8).repeat(3, 0)
+    hwc = (np.arange(20 * 20).reshape(20, 20, 1) % 250 + 1).astype(np.uint8).repeat(3, 2)
     assert crop_box(0.0, 0.0, 5, 5) == (-5, -5, 5, 5)
-    patch = crop_with_padding(chw, crop_box(0.0, 0.0, 5, 5))
-    assert patch.shape == (3, 10, 10)
-    assert not patch[:, :5, :].any() and not patch[:, :, :5].any()  # outside: zeros
-    np.testing.assert_array_equal(patch[:, 5:, 5:], chw[:, :5, :5])  # inside: unshifted
+    patch = crop_with_padding(hwc, crop_box(0.0, 0.0, 5, 5))
+    assert patch.shape == (10, 10, 3)
+    assert not patch[:5].any() and not patch[:, :5].any()  # outside (top-left quadrant+): zeros
+    np.testing.assert_array_equal(patch[5:, 5:], hwc[:5, :5])  # inside: unshifted
     # Bottom-right corner: the image fills the top-left quadrant only.
-    patch = crop_with_padding(chw, crop_box(19.0, 19.0, 5, 5))
-    np.testing.assert_array_equal(patch[:, :6, :6], chw[:, 14:, 14:])
-    assert not patch[:, 6:, :].any() and not patch[:, :, 6:].any()
+    patch = crop_with_padding(hwc, crop_box(19.0, 19.0, 5, 5))
+    np.testing.assert_array_equal(patch[:6, :6], hwc[14:, 14:])
+    assert not patch[6:].any() and not patch[:, 6:].any()
     # Half pixels round up (DICOM pixel centres), not to even.
     assert crop_box(2.5, 3.49, 1, 1) == (2, 2, 4, 4)
+    # Through CropResize (no resize at size 10): channel-first, same zeros.
+    out = CropResize(10)(hwc, 0.0, 0.0, 5, 5)
+    assert out.shape == (3, 10, 10) and not out[:, :5, :5].any()
+    np.testing.assert_array_equal(out[:, 5:, 5:], hwc[:5, :5].transpose(2, 0, 1))
 
 
 def test_crop_resize_output_size():
-    chw = np.full((3, 50, 60), 200, dtype=np.uint8)
-    out = CropResize(16, "area")(chw, 30.0, 25.0, 12, 12)
+    hwc = np.full((50, 60, 3), 200, dtype=np.uint8)
+    out = CropResize(16, "area")(hwc, 30.0, 25.0, 12, 12)
     assert out.shape == (3, 16, 16) and (out == 200).all()
-    assert CropResize(16, "linear")(chw, 0.0, 0.0, 12, 12)[:, 0, 0].tolist() == [0, 0, 0]
+    assert CropResize(16, "linear")(hwc, 0.0, 0.0, 12, 12)[:, 0, 0].tolist() == [0, 0, 0]
 
 
 def test_slice_selection_and_edge_replication():

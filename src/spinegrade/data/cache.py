@@ -7,12 +7,15 @@ every pixel-affecting DataConfig field, so a changed setting never reuses stale 
     index.csv      one row per crop: the build_index columns + ``row`` (position in crops)
     problems.csv   every file or row skipped or kept with a warning, and why
     meta.json      data_cfg, cache key, versions, counts; written last (= the cache is complete)
-    shards/        per-series partial results while preparing; removed once consolidated
 
-Each series is read once, each slice any crop needs is windowed and equalised once, and all
-of the series' crops are cut; the result goes to ``shards/<study>_<series>.npz`` written
-atomically. A rerun after an interruption skips the shards that exist (and match their task),
-then consolidates all shards, in index order, into the final files, each written atomically.
+While preparing, the folder also holds ``crops.partial-<index hash>.npy`` (preallocated, one
+row per index row) and ``shards/<study>_<series>.json`` markers. Each series is read once,
+each slice any crop needs is windowed and equalised once, all of the series' crops are
+written into their rows of the partial store and flushed, and only then is the series'
+marker written (atomically). A rerun after an interruption (Ctrl-C, kill -9) skips series
+whose marker exists and matches their task, and redoes the others. At the end the partial
+store is renamed to ``crops.npy`` (or, when some samples failed, its good rows are copied),
+after ``index.csv`` and ``problems.csv`` and before ``meta.json``; markers are removed.
 """
 
 from __future__ import annotations
@@ -22,7 +25,9 @@ import hashlib
 import json
 import logging
 import multiprocessing
+import os
 import platform
+import shutil
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -217,7 +222,8 @@ class SeriesTask:
     series_id: int
     sample_ids: tuple[int, ...]           # positions in the build_index frame
     requests: tuple[CropRequest, ...]
-    shard: str
+    shard: str                            # marker: shards/<study>_<series>.json
+    crops_file: str                       # the partial store, rows = sample ids
 
     @property
     def fingerprint(self) -> str:
@@ -305,31 +311,37 @@ def process_series(task: SeriesTask, data_cfg: DataConfig) -> tuple[list[int], n
     return ids, (np.stack(crops) if crops else empty), problems
 
 
-def _write_shard(task: SeriesTask, ids: list[int], crops: np.ndarray, problems: list[Problem]):
-    payload = json.dumps([dataclasses.asdict(p) for p in problems])
-    with atomic_path(task.shard, suffix=".npz") as tmp:
-        np.savez(tmp, crops=crops, sample_ids=np.asarray(ids, dtype=np.int64),
-                 fingerprint=np.array(task.fingerprint), problems=np.array(payload))
+def _write_shard(task: SeriesTask, ids: list[int], crops: np.ndarray,
+                 problems: list[Problem]) -> None:
+    """Put the crops into their rows of the partial store, then write the series' marker.
+
+    The rows are flushed to disk before the marker exists, so a marker always means its rows
+    are complete; a series killed half-way has no marker and is redone.
+    """
+    if ids:
+        store = np.load(task.crops_file, mmap_mode="r+")
+        for k, sid in enumerate(ids):
+            store[sid] = crops[k]
+        store.flush()
+        del store
+    marker = {"fingerprint": task.fingerprint, "sample_ids": [int(i) for i in ids],
+              "problems": [dataclasses.asdict(p) for p in problems]}
+    atomic_write_text(task.shard, json.dumps(marker))
 
 
-def _read_shard(path: str | Path, fingerprint: str | None = None, with_crops: bool = True):
-    """``(sample_ids, crops or None, problems)`` of a shard; None if absent/stale/damaged."""
-    if not Path(path).is_file():
-        return None
+def _read_shard(path: str | Path, fingerprint: str) -> tuple[list[int], list[Problem]] | None:
+    """``(sample_ids, problems)`` of a series' marker; None if absent, stale or damaged."""
     try:
-        with np.load(path) as z:
-            if fingerprint is not None and str(z["fingerprint"]) != fingerprint:
-                return None
-            problems = [Problem(**p) for p in json.loads(str(z["problems"]))]
-            return z["sample_ids"].tolist(), z["crops"] if with_crops else None, problems
-    except (OSError, ValueError, KeyError, EOFError):
-        return None
-    except Exception:  # a torn zip raises zipfile.BadZipFile and friends: recompute it
+        marker = json.loads(Path(path).read_text())
+        if marker["fingerprint"] != fingerprint:
+            return None
+        return marker["sample_ids"], [Problem(**p) for p in marker["problems"]]
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def run_task(args: tuple[SeriesTask, DataConfig]) -> tuple[int, int, int]:
-    """Worker entry point: process one series, write its shard; returns (series, ok, problems)."""
+    """Worker entry point: process one series, store it; returns (series, ok, problems)."""
     task, data_cfg = args
     ids, crops, problems = process_series(task, data_cfg)
     _write_shard(task, ids, crops, problems)
@@ -346,7 +358,8 @@ def _init_worker() -> None:
 # --- prepare: index -> tasks -> shards -> final store ------------------------------------------
 
 
-def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path) -> list[SeriesTask]:
+def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path,
+               crops_file: Path) -> list[SeriesTask]:
     """One task per series of the index, sample ids = index positions, in index order."""
     tasks = []
     for (study, series), group in index.groupby(["study_id", "series_id"], sort=True):
@@ -354,7 +367,7 @@ def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path) -> l
                          for r in group.itertuples())
         tasks.append(SeriesTask(str(data_dir), int(study), int(series),
                                 tuple(int(i) for i in group.index), requests,
-                                str(shards_dir / f"{study}_{series}.npz")))
+                                str(shards_dir / f"{study}_{series}.json"), str(crops_file)))
     return tasks
 
 
@@ -363,7 +376,7 @@ def _run_tasks(tasks: list[SeriesTask], data_cfg: DataConfig, workers: int,
     """Run the tasks whose shard is missing, in ``workers`` spawned processes (1: in-process)."""
     from tqdm import tqdm
 
-    todo = [t for t in tasks if _read_shard(t.shard, t.fingerprint, with_crops=False) is None]
+    todo = [t for t in tasks if _read_shard(t.shard, t.fingerprint) is None]
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d series already done", len(tasks) - len(todo), len(tasks))
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="prepare",
@@ -386,36 +399,67 @@ def _run_tasks(tasks: list[SeriesTask], data_cfg: DataConfig, workers: int,
 
 def _consolidate(cache_dir: Path, index: pd.DataFrame, tasks: list[SeriesTask],
                  problems: list[Problem], data_cfg: DataConfig, extra_meta: dict) -> None:
-    """Merge the shards, in index order, into crops.npy/index.csv/problems.csv/meta.json."""
-    done: dict[int, tuple[str, int]] = {}  # sample id -> (shard, position in shard)
+    """Turn the partial store + markers into crops.npy/index.csv/problems.csv/meta.json.
+
+    When every sample succeeded the partial store already is the final one and is renamed;
+    otherwise the successful rows are copied, in index order, into a new file. crops.npy is
+    renamed into place after index.csv and problems.csv, and meta.json comes last.
+    """
+    kept: list[int] = []
     for task in tasks:
-        shard = _read_shard(task.shard, task.fingerprint, with_crops=False)
-        if shard is None:
-            raise RuntimeError(f"shard {task.shard} vanished while consolidating")
-        ids, _, shard_problems = shard
-        done.update({sid: (task.shard, k) for k, sid in enumerate(ids)})
-        problems.extend(shard_problems)
-    kept = sorted(done)
+        marker = _read_shard(task.shard, task.fingerprint)
+        if marker is None:
+            raise RuntimeError(f"marker {task.shard} vanished while consolidating")
+        kept.extend(marker[0])
+        problems.extend(marker[1])
+    kept.sort()
     final = index.loc[kept].reset_index(drop=True)
     final["row"] = np.arange(len(final), dtype=np.int64)
     shape = (len(kept), data_cfg.n_slices, 3, data_cfg.img_size, data_cfg.img_size)
-    position = {sid: r for r, sid in enumerate(kept)}
-    with atomic_path(cache_dir / CROPS_FILE, suffix=".npy") as tmp:
-        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
-        for task in tasks:  # one shard in memory at a time
-            ids, crops, _ = _read_shard(task.shard)
-            for k, sid in enumerate(ids):
-                out[position[sid]] = crops[k]
-        out.flush()
-        del out
     _write_index(cache_dir / INDEX_FILE, final)
     problems = sorted(set(problems), key=lambda p: (p.study_id, p.series_id, p.file, p.row,
                                                     p.kind, p.message))
     write_problems(cache_dir / PROBLEMS_FILE, problems)
+    partial = Path(tasks[0].crops_file)
+    if len(kept) == len(index):
+        with open(partial, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(partial, cache_dir / CROPS_FILE)
+    else:
+        store = np.load(partial, mmap_mode="r")
+        with atomic_path(cache_dir / CROPS_FILE, suffix=".npy") as tmp:
+            out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape)
+            for start in range(0, len(kept), 256):  # bounded memory
+                rows = kept[start:start + 256]
+                out[start:start + len(rows)] = store[rows]
+            out.flush()
+            del out
+        del store
+        partial.unlink()
     extra = dict(extra_meta)
     extra["counts_problems"] = dict(sorted(Counter(p.kind for p in problems).items()))
     meta = _meta(dataclasses.asdict(data_cfg), final, shape, extra)
     atomic_write_text(cache_dir / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
+
+
+def _partial_store(cache_dir: Path, fingerprint: str, shape: tuple[int, ...]) -> Path:
+    """The preallocated store the workers write into; a new one forgets all markers.
+
+    Named by the index fingerprint, so a changed index never reuses rows of another.
+    """
+    path = cache_dir / f"crops.partial-{fingerprint}.npy"
+    if path.is_file():
+        try:
+            if np.load(path, mmap_mode="r").shape == shape:
+                return path
+        except ValueError:
+            pass  # torn header of a killed creation: start again
+    for old in cache_dir.glob("crops.partial-*.npy"):
+        old.unlink()
+    shutil.rmtree(cache_dir / SHARDS_DIR, ignore_errors=True)
+    with atomic_path(path, suffix=".npy") as tmp:  # sparse: no zeros are actually written
+        np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=shape).flush()
+    return path
 
 
 def _index_fingerprint(index: pd.DataFrame) -> str:
@@ -454,19 +498,20 @@ def prepare(data_dir: str | Path, out_dir: str | Path, data_cfg: DataConfig, wor
     if index.empty:
         raise UserError(f"{data_dir}: no usable {data_cfg.condition} label; see the problems "
                         "above (empty labels, missing series, ...)")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    shape = (len(index), data_cfg.n_slices, 3, data_cfg.img_size, data_cfg.img_size)
+    partial = _partial_store(cache_dir, fingerprint, shape)
     shards_dir = cache_dir / SHARDS_DIR
     shards_dir.mkdir(parents=True, exist_ok=True)
-    tasks = make_tasks(data_dir, index, shards_dir)
+    tasks = make_tasks(data_dir, index, shards_dir, partial)
     _run_tasks(tasks, data_cfg, workers, progress)
     _consolidate(cache_dir, index, tasks, problems, data_cfg,
                  {"cache_key": cache_dir.name, "index_fingerprint": fingerprint,
                   "data_dir": str(data_dir.resolve()), "series": len(tasks)})
-    for task in tasks:
-        Path(task.shard).unlink(missing_ok=True)
-    for leftover in shards_dir.glob(".*"):  # temporaries of a killed writer
-        leftover.unlink(missing_ok=True)
-    if not any(shards_dir.iterdir()):
-        shards_dir.rmdir()
+    shutil.rmtree(shards_dir, ignore_errors=True)
+    for leftover in cache_dir.glob(".*"):  # atomic_path temporaries of a killed writer
+        if leftover.is_file():
+            leftover.unlink(missing_ok=True)
     return cache_dir
 
 

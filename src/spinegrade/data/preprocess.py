@@ -8,7 +8,8 @@ The seed pipeline, one transform per step (parameters in ``__init__``, a pure ``
    falls back to a percentile window when the file has none.
 2. :class:`Clahe`: contrast-limited adaptive histogram equalisation per channel.
 3. :class:`CropResize`: a box of half-width ``(rx, ry)`` native pixels around ``(x, y)``,
-   zero-padded where it leaves the image (never shifted), resized to ``img_size``.
+   zero-padded where it leaves the image (never shifted), resized to ``img_size``
+   (channel-last input, channel-first output).
 4. :func:`slice_indices`: ``n_slices`` slices centred on the labeled one, in spatial order,
    edge slices replicated where the series is shorter.
 
@@ -52,9 +53,11 @@ def apply_window(img: np.ndarray, low: float, high: float) -> np.ndarray:
     """
     if not high > low:
         high = low + 1.0
-    out = (np.asarray(img, dtype=np.float32) - np.float32(low)) * np.float32(255.0 / (high - low))
-    np.clip(out, 0.0, 255.0, out=out)
-    return np.rint(out).astype(np.uint8)
+    clipped = np.clip(np.asarray(img, dtype=np.float32), np.float32(low), np.float32(high))
+    scale = 255.0 / (high - low)
+    # After clipping, |v * scale - low * scale| is the plain linear map (never negative);
+    # OpenCV does the multiply-add, rounding and uint8 conversion in one pass.
+    return cv2.convertScaleAbs(clipped, alpha=scale, beta=-low * scale)
 
 
 class FixedWindow:
@@ -122,7 +125,10 @@ class WindowStack:
         self, img: np.ndarray, file_window: tuple[float, float] = (math.nan, math.nan)
     ) -> np.ndarray:
         img = np.asarray(img, dtype=np.float32)
-        return np.stack([apply_window(img, *w.bounds(img, file_window)) for w in self.windows])
+        out = np.empty((len(self.windows),) + img.shape, dtype=np.uint8)
+        for c, w in enumerate(self.windows):
+            out[c] = apply_window(img, *w.bounds(img, file_window))
+        return out
 
 
 # --- 2. CLAHE ----------------------------------------------------------------------------------
@@ -138,7 +144,10 @@ class Clahe:
                                       tileGridSize=(self.tile_grid, self.tile_grid))
 
     def __call__(self, chw: np.ndarray) -> np.ndarray:
-        return np.stack([self._clahe.apply(np.ascontiguousarray(c)) for c in chw])
+        out = np.empty_like(chw)
+        for c in range(chw.shape[0]):
+            self._clahe.apply(np.ascontiguousarray(chw[c]), dst=out[c])
+        return out
 
     def __getstate__(self) -> dict[str, Any]:
         # cv2 CLAHE objects cannot be pickled (spawned workers); rebuild on unpickling.
@@ -174,34 +183,41 @@ def crop_box(x: float, y: float, rx: int, ry: int) -> tuple[int, int, int, int]:
     return cx - rx, cy - ry, cx + rx, cy + ry
 
 
-def crop_with_padding(chw: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
-    """Cut ``box`` out of ``(C, H, W)``; parts outside the image are zeros (not shifted)."""
+def crop_with_padding(hwc: np.ndarray, box: tuple[int, int, int, int]) -> np.ndarray:
+    """Cut ``box`` out of ``(H, W, ...)``; parts outside the image are zeros (not shifted).
+
+    A box inside the image gives a view (no copy); one that leaves it, a zero-padded copy.
+    """
     x0, y0, x1, y1 = box
-    c, h, w = chw.shape
-    out = np.zeros((c, y1 - y0, x1 - x0), dtype=chw.dtype)
+    h, w = hwc.shape[:2]
+    if x0 >= 0 and y0 >= 0 and x1 <= w and y1 <= h:
+        return hwc[y0:y1, x0:x1]
+    out = np.zeros((y1 - y0, x1 - x0) + hwc.shape[2:], dtype=hwc.dtype)
     sx0, sy0, sx1, sy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
     if sx1 > sx0 and sy1 > sy0:
-        out[:, sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = chw[:, sy0:sy1, sx0:sx1]
+        out[sy0 - y0:sy1 - y0, sx0 - x0:sx1 - x0] = hwc[sy0:sy1, sx0:sx1]
     return out
 
 
 class CropResize:
-    """Crop ``(C, H, W)`` around (x, y) with zero padding, then resize to ``size x size``."""
+    """Crop a channel-last ``(H, W, C)`` slice around (x, y), zero-padded, resize to ``size``.
+
+    Returns channel-first ``(C, size, size)``. Slices are kept channel-last between CLAHE and
+    cropping because OpenCV resizes all channels of an (H, W, C) view in one call.
+    """
 
     def __init__(self, size: int, interpolation: str = "area") -> None:
         self.size = int(size)
         self.interpolation = interpolation
         self._flag = INTERPOLATIONS[interpolation]
 
-    def __call__(self, chw: np.ndarray, x: float, y: float, rx: int, ry: int) -> np.ndarray:
-        patch = crop_with_padding(chw, crop_box(x, y, rx, ry))
-        if patch.shape[1:] == (self.size, self.size):
-            return patch
-        hwc = np.ascontiguousarray(patch.transpose(1, 2, 0))
-        out = cv2.resize(hwc, (self.size, self.size), interpolation=self._flag)
-        if out.ndim == 2:  # cv2 drops a single channel axis
-            out = out[:, :, None]
-        return np.ascontiguousarray(out.transpose(2, 0, 1))
+    def __call__(self, hwc: np.ndarray, x: float, y: float, rx: int, ry: int) -> np.ndarray:
+        patch = crop_with_padding(hwc, crop_box(x, y, rx, ry))
+        if patch.shape[:2] != (self.size, self.size):
+            patch = cv2.resize(patch, (self.size, self.size), interpolation=self._flag)
+            if patch.ndim == 2:  # cv2 drops a single channel axis
+                patch = patch[:, :, None]
+        return patch.transpose(2, 0, 1)  # a view; callers copy it into their stack
 
 
 def crop_radius_px(
@@ -326,9 +342,9 @@ class VolumeCropper:
         return plan
 
     def process_slice(self, volume: Any, j: int) -> np.ndarray:
-        """Windows + CLAHE of slice ``j`` of the volume, uint8 ``(3, H, W)``."""
+        """Windows + CLAHE of slice ``j`` of the volume, channel-last uint8 ``(H, W, 3)``."""
         center, width = (float(v) for v in volume.windows[j])
-        return self.slice_transform(volume.slices[j], (center, width))
+        return cv2.merge(list(self.slice_transform(volume.slices[j], (center, width))))
 
     def __call__(self, volume: Any, requests: Sequence[CropRequest]) -> list[np.ndarray | Exception]:
         """One ``(n_slices, 3, S, S)`` uint8 array per request, or the exception it raised.
@@ -343,12 +359,12 @@ class VolumeCropper:
             except (KeyError, CoordinateOutOfImage) as e:
                 out.append(e)
                 continue
-            stack = []
-            for j, x, y, rx, ry in plan:
+            stack = np.empty((len(plan), 3, self.crop.size, self.crop.size), dtype=np.uint8)
+            for i, (j, x, y, rx, ry) in enumerate(plan):
                 if j not in processed:
                     processed[j] = self.process_slice(volume, j)
-                stack.append(self.crop(processed[j], x, y, rx, ry))
-            out.append(np.stack(stack))
+                stack[i] = self.crop(processed[j], x, y, rx, ry)
+            out.append(stack)
         return out
 
 

@@ -77,6 +77,18 @@ def broadcast_object(obj: Any) -> Any:
     return box[0]
 
 
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Copy rank 0's buffers (BatchNorm running statistics) to every process.
+
+    DDP broadcasts buffers at the start of each forward, so after the last training step
+    each process holds its own batch's update; evaluation and checkpoints need one model.
+    """
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    for buf in module.buffers():
+        dist.broadcast(buf, src=0)
+
+
 def shard(rows: np.ndarray, info: DistInfo) -> np.ndarray:
     """This process's share of ``rows`` for evaluation: strided, never padded.
 

@@ -206,6 +206,8 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
 def _setup(cfg: Config, cache: Any, out: Path, fold: int, resume: bool) -> Trainer:
     """Process group, data, model, optimizer, schedule, SWA, and the resumed state."""
     s = Settings.from_config(cfg, fold)
+    if not s.is_main:  # one voice: the other processes only report errors
+        logging.getLogger("spinegrade").setLevel(logging.ERROR)
     seed_everything(cfg.train.seed, s.deterministic)
     from spinegrade.data.cache import CropCache
 
@@ -266,6 +268,7 @@ def _run_epoch(t: Trainer, epoch: int) -> None:
     t.loaders.set_epoch(epoch)
     stats = train_one_epoch(t.ddp, t.loaders.train, t.optimizer, t.loss_fn, t.schedule, epoch,
                             t.s, t.augment, t.aug_gen)
+    dist_util.broadcast_buffers(t.model)
     pred = evaluate(t.model, t.loaders.val, t.loss_fn, t.s)
     row = _epoch_row(t, epoch, lrs, stats, pred)
     dead, action = t.monitor.update({c: row[f"pred_count_{c}"] for c in CLASS_NAMES}, epoch)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-from spinegrade.config import ModelConfig
+from spinegrade.config import ConfigError, ModelConfig
 from spinegrade.constants import NUM_CLASSES, NUM_LEVELS
 from spinegrade.models.backbone import create_backbone, normalization_stats
 from spinegrade.models.heads import coral_prior_logits, log_prior_logits
@@ -49,6 +49,10 @@ def build_model(
         num_classes: Severity classes.
         class_counts: Training label counts per class, for ``bias_init=log_prior``.
     """
+    if (cfg.input_mode == "channels") != (cfg.aggregator == "none"):
+        raise ConfigError("model.aggregator=none goes with model.input_mode=channels (2.5D stem), "
+                          "and every other aggregator with input_mode=slices; "
+                          f"got input_mode={cfg.input_mode}, aggregator={cfg.aggregator}")
     in_chans = n_slices if cfg.input_mode == "channels" else 3
     backbone, weights = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
@@ -74,7 +78,7 @@ def build_model(
         aux_heads=cfg.aux_heads,
         num_classes=num_classes,
         num_levels=NUM_LEVELS,
-        weights=weights,
+        backbone_weights=weights,
     )
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)

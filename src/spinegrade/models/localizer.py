@@ -103,7 +103,7 @@ class HeatmapLocalizer(nn.Module):
         """(B, C, H, W) in [0, 1] -> decoder features (B, D, H / stride, W / stride)."""
         feats = self.encoder((x - self.mean) / self.std)[self._first:]
         out = self.lateral[-1](feats[-1])
-        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1])):
+        for lat, f in zip(reversed(self.lateral[:-1]), reversed(feats[:-1]), strict=True):
             out = F.interpolate(out, size=f.shape[-2:], mode="bilinear", align_corners=False)
             out = out + lat(f)
         return self.smooth(out)

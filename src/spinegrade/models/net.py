@@ -50,7 +50,7 @@ class SpineGrader(nn.Module):
             the labelled one, from each slice's own backbone features.
         num_classes: Severity classes.
         num_levels: Disc levels.
-        weights: Where the backbone's weights came from (recorded, not used).
+        backbone_weights: Where the backbone's weights came from (recorded, not used).
     """
 
     def __init__(
@@ -75,7 +75,7 @@ class SpineGrader(nn.Module):
         aux_heads: bool = False,
         num_classes: int = NUM_CLASSES,
         num_levels: int = NUM_LEVELS,
-        weights: BackboneWeights | None = None,
+        backbone_weights: BackboneWeights | None = None,
     ) -> None:
         super().__init__()
         if input_mode == "channels" and aggregator != "none":
@@ -84,7 +84,8 @@ class SpineGrader(nn.Module):
         if input_mode == "slices" and aggregator == "none":
             raise ValueError("input_mode='slices' needs an aggregator over the slices")
         self.n_slices, self.num_classes, self.input_mode = n_slices, num_classes, input_mode
-        self.slice_channel, self.head_type, self.weights = slice_channel, head, weights
+        self.slice_channel, self.head_type = slice_channel, head
+        self.backbone_weights = backbone_weights
         self.num_features = int(backbone.num_features)
         self._backbone_trainable = True
 

@@ -22,14 +22,14 @@ def plot_version_curves(curves: dict[str, list[pd.DataFrame]], path: str | Path)
         path: PNG to write.
     """
     panels = [("balanced_accuracy", "balanced accuracy")] + [
-        (f"recall_{n}", f"recall {s}") for n, s in zip(CLASS_NAMES, SEVERITIES)]
+        (f"recall_{n}", f"recall {s}") for n, s in zip(CLASS_NAMES, SEVERITIES, strict=True)]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6), sharey=True)
     for label, frames in curves.items():
         mean = pd.concat(frames).groupby("epoch").mean(numeric_only=True).reset_index()
-        for ax, (col, _) in zip(axes, panels):
+        for ax, (col, _) in zip(axes, panels, strict=True):
             if col in mean:
                 ax.plot(mean["epoch"], mean[col], "-o", ms=3, label=label)
-    for ax, (_, title) in zip(axes, panels):
+    for ax, (_, title) in zip(axes, panels, strict=True):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("epoch")
         ax.axhline(0.5 if "recall" in title else 0.0, ls="--", lw=0.6, color="grey")

@@ -151,7 +151,7 @@ def build_report(run_dir: str | Path) -> Path:
         parts += ["<h2>Per-epoch validation metrics</h2>", _metrics_table(metrics)]
     if evaluation:
         recall = evaluation.get("recall", {})
-        rec = ", ".join(f"{s}: {recall.get(n, np.nan):.3f}" for n, s in zip(CLASS_NAMES, SEVERITIES))
+        rec = ", ".join(f"{s}: {recall.get(n, np.nan):.3f}" for n, s in zip(CLASS_NAMES, SEVERITIES, strict=True))
         parts += ["<h2>Evaluation</h2>",
                   f"<p>balanced accuracy {evaluation['balanced_accuracy']:.4f}; recall {rec}; "
                   f"weighted log loss {evaluation.get('weighted_logloss', float('nan')):.4f}</p>"]

@@ -66,7 +66,7 @@ def plot_recall(metrics: pd.DataFrame, path: str | Path, targets: Sequence[float
     """Per-class recall and balanced accuracy per epoch; dashed lines at the health targets."""
     fig, ax = plt.subplots(figsize=(6.4, 3.6))
     _shade_phases(ax, metrics)
-    for name, colour, label in zip(CLASS_NAMES, CLASS_COLOURS, SEVERITIES):
+    for name, colour, label in zip(CLASS_NAMES, CLASS_COLOURS, SEVERITIES, strict=True):
         col = f"recall_{name}"
         if col in metrics:
             ax.plot(metrics["epoch"], metrics[col], "-o", ms=3, color=colour, label=label)
@@ -124,7 +124,7 @@ def plot_per_level_recall(per_level: dict[str, dict[str, float]], path: str | Pa
     levels = list(per_level)
     fig, ax = plt.subplots(figsize=(6.4, 3.2))
     width = 0.8 / len(CLASS_NAMES)
-    for k, (name, colour, label) in enumerate(zip(CLASS_NAMES, CLASS_COLOURS, SEVERITIES)):
+    for k, (name, colour, label) in enumerate(zip(CLASS_NAMES, CLASS_COLOURS, SEVERITIES, strict=True)):
         vals = [per_level[lv].get(name, np.nan) for lv in levels]
         ax.bar(np.arange(len(levels)) + (k - 1) * width, np.nan_to_num(vals, nan=0.0),
                width, color=colour, label=label)

@@ -287,9 +287,14 @@ def _paint_recesses(an: Anatomy, t, a, u, h, idx) -> None:
     for side, cond in ((1.0, LEFT_RECESS), (-1.0, RIGHT_RECESS)):
         z = an.narrowing[cond][idx] * g
         t[_ellipse(a, u, side * (ra + 0.6), ur, 1.4, 1.4)] = NERVE
+        # Facet (superior articular process) and ligamentum flavum hypertrophy grow in from
+        # behind and the side: a dark ligament rim around bone.
         radius = 1.5 + 6.0 * z
-        sap = _ellipse(a, u, side * (ra + 4.0), ur + 5.5, radius, radius)
-        t[sap & (t != CORTEX) & (t != MARROW)] = POSTERIOR_BONE
+        ca, cu = side * (ra + 3.0), ur + 5.0
+        soft = (t != CORTEX) & (t != MARROW) & (t != ANNULUS)
+        t[_ellipse(a, u, ca, cu, radius, radius) & soft] = LIGAMENT
+        core = np.maximum(radius - 1.5, 0.05)
+        t[_ellipse(a, u, ca, cu, core, core) & soft] = POSTERIOR_BONE
 
 
 def _paint_foramina(an: Anatomy, t, a, u, h, idx) -> None:
@@ -324,8 +329,8 @@ def tissue_classes(an: Anatomy, x: np.ndarray, y: np.ndarray, z: np.ndarray) -> 
     sub, a, u = t[near], a[near], u[near]
     _paint_vertebrae(an, sub, a, u, h, idx)
     _paint_canal(an, sub, a, u, h, idx)
-    _paint_recesses(an, sub, a, u, h, idx)
     _paint_foramina(an, sub, a, u, h, idx)
+    _paint_recesses(an, sub, a, u, h, idx)
     t[near] = sub
     return t.reshape(shape)
 

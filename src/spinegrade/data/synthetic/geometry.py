@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from spinegrade.data.synthetic.anatomy import FIRST_LABELLED_DISC, Anatomy, disc_frame
 from spinegrade.constants import NUM_LEVELS
+from spinegrade.data.synthetic.anatomy import FIRST_LABELLED_DISC, Anatomy, disc_frame
 
 DECIMALS = 5  # digits kept for positions and direction cosines (fits a DICOM DS)
 

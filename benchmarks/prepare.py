@@ -1,0 +1,130 @@
+"""Benchmark: series-level ``prepare`` vs the naive per-sample path, on one synthetic dataset.
+
+(a) ``prepare`` reads each series once, windows + CLAHEs each needed slice once and cuts all of
+the series' crops; (b) the naive path, as typical public notebooks do, handles each sample on
+its own: it reads the series headers (for the spatial order) and its 7 DICOM files, and
+windows + CLAHEs whole slices. Both must give identical crops. Each measurement runs in a fresh
+spawned process so its peak memory (ru_maxrss) is its own. Prints samples/s, peak memory, the
+workers=1 vs workers=2 scaling, and last ``speedup: <ratio>x`` (a over b, one worker).
+
+    python benchmarks/prepare.py [--studies 30] [--condition spinal_canal_stenosis]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import resource
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+from spinegrade.config import DataConfig
+from spinegrade.constants import CONDITIONS
+
+
+def _rss_mib(who: int) -> float:
+    return resource.getrusage(who).ru_maxrss / 1024.0  # KiB on Linux
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (pool workers)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def run_prepare(data_dir: str, out_dir: str, cfg: DataConfig, workers: int) -> dict:
+    """(a) Time ``prepare`` (index, all series, consolidation) in this process."""
+    from spinegrade.data.cache import CropCache, prepare
+
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    path = prepare(data_dir, out_dir, cfg, workers=workers, progress=False)
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    n = len(CropCache.open(path))
+    return {"path": str(path), "n": n, "seconds": elapsed, "cpu": cpu,
+            "rss": max(_rss_mib(resource.RUSAGE_SELF), _rss_mib(resource.RUSAGE_CHILDREN))}
+
+
+def run_naive(data_dir: str, out_file: str, cfg: DataConfig, rows: list[tuple]) -> dict:
+    """(b) Time the naive path over ``rows`` (study, series, instance, x, y); crops to a .npy."""
+    from spinegrade.data.cache import crops_from_dicom
+    from spinegrade.data.preprocess import CropRequest
+
+    shape = (len(rows), cfg.n_slices, 3, cfg.img_size, cfg.img_size)
+    out = np.lib.format.open_memmap(out_file, mode="w+", dtype=np.uint8, shape=shape)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
+    for k, (study, series, instance, x, y) in enumerate(rows):
+        series_dir = Path(data_dir) / "train_images" / str(study) / str(series)
+        (out[k],) = crops_from_dicom(series_dir, [CropRequest(instance, x, y)], cfg)
+    out.flush()
+    elapsed, cpu = time.perf_counter() - t0, _cpu_seconds() - c0
+    return {"n": len(rows), "seconds": elapsed, "cpu": cpu, "rss": _rss_mib(resource.RUSAGE_SELF)}
+
+
+def in_fresh_process(fn, *args) -> dict:
+    """Run ``fn(*args)`` in a new spawned interpreter (clean imports, own peak memory)."""
+    with ProcessPoolExecutor(1, mp_context=get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def _line(name: str, r: dict) -> str:
+    return (f"{name:<34} {r['seconds']:7.2f} s  {r['n'] / r['seconds']:6.1f} samples/s  "
+            f"(CPU {r['cpu']:6.2f} s)  peak RSS {r['rss']:5.0f} MiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--studies", type=int, default=30)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--condition", default=CONDITIONS[0], choices=CONDITIONS)
+    ap.add_argument("--img-size", type=int, default=DataConfig.img_size)
+    ap.add_argument("--data", help="use this RSNA-format dataset instead of generating one")
+    args = ap.parse_args(argv)
+    cfg = dataclasses.replace(DataConfig(), condition=args.condition, img_size=args.img_size)
+
+    from spinegrade.data.cache import CropCache
+    from spinegrade.data.rsna import build_index
+
+    with tempfile.TemporaryDirectory(prefix="spinegrade-bench-") as tmp:
+        data_dir = Path(args.data) if args.data else Path(tmp) / "data"
+        if not args.data:
+            from spinegrade.data.synthetic import generate
+
+            t0 = time.perf_counter()
+            generate(data_dir, n_studies=args.studies, seed=args.seed, progress=False)
+            print(f"generated {args.studies} synthetic studies in {time.perf_counter() - t0:.1f} s")
+        index, _ = build_index(data_dir, cfg.condition)
+        print(f"{cfg.condition}: {len(index)} samples in {index['series_id'].nunique()} series, "
+              f"crops {cfg.n_slices}x3x{cfg.img_size}x{cfg.img_size}")
+
+        a1 = in_fresh_process(run_prepare, str(data_dir), f"{tmp}/c1", cfg, 1)
+        print(_line("(a) series path, prepare workers=1", a1))
+        rows = list(CropCache.open(a1["path"]).index[
+            ["study_id", "series_id", "instance_number", "x", "y"]].itertuples(index=False))
+        rows = [(int(s), int(se), int(i), float(x), float(y)) for s, se, i, x, y in rows]
+        b = in_fresh_process(run_naive, str(data_dir), f"{tmp}/naive.npy", cfg, rows)
+        print(_line("(b) naive per-sample path", b))
+        a2 = in_fresh_process(run_prepare, str(data_dir), f"{tmp}/c2", cfg, 2)
+        print(_line("(a) series path, prepare workers=2", a2))
+
+        cached = CropCache.open(a1["path"]).crops
+        naive = np.load(f"{tmp}/naive.npy", mmap_mode="r")
+        assert np.array_equal(cached, naive), "series path and naive path crops differ"
+        assert np.array_equal(cached, CropCache.open(a2["path"]).crops), "workers=2 differs"
+        print(f"identical crops: yes, {cached.shape[0]} samples (series path = naive path = "
+              "workers=2)")
+        print(f"scaling workers=2 vs 1: {a1['seconds'] / a2['seconds']:.2f}x "
+              f"({a1['n'] / a1['seconds']:.1f} -> {a2['n'] / a2['seconds']:.1f} samples/s)")
+        # CPU time is the steadier figure on a shared machine; wall time is the headline.
+        print(f"cpu-time speedup: {b['cpu'] / a1['cpu']:.2f}x")
+        print(f"speedup: {b['seconds'] / a1['seconds']:.2f}x")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

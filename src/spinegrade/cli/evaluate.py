@@ -1,0 +1,42 @@
+"""``spinegrade evaluate``: re-score a run's checkpoint (TTA on or off)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "evaluate", help="re-score a trained checkpoint with test-time augmentation",
+        description=(
+            "Score a checkpoint of a training run on the run's validation fold (default) or on "
+            "every sample of another crop cache (--cache), with TTA (brightness and scale views "
+            "of eval.tta_brightness / eval.tta_scales, probabilities averaged; no flips) unless "
+            "--no-tta. Writes metrics.json, predictions.csv, confusion.png and "
+            "per_level_recall.png to RUN/eval (or --out)."
+        ),
+    )
+    p.add_argument("run", help="training run folder")
+    p.add_argument("--cache", default=None,
+                   help="crop cache to score entirely (default: the run's own validation fold)")
+    p.add_argument("--checkpoint", choices=("best", "last", "swa"), default="best",
+                   help="which checkpoint of the run (default: best)")
+    p.add_argument("--no-tta", dest="tta", action="store_false", help="score the plain view only")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from spinegrade.engine.evaluate import evaluate_run
+
+    m = evaluate_run(args.run, cache=args.cache, checkpoint=args.checkpoint, tta=args.tta,
+                     out_dir=args.out)
+    recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
+                       for k, v in m["recall"].items())
+    ba = m["balanced_accuracy"]
+    print(f"{args.checkpoint} (epoch {m['checkpoint_epoch']}) on {m['scored']}, "
+          f"{'TTA ' + str(m['tta_views']) + ' views' if m['tta'] else 'no TTA'}: "
+          f"{m['n_samples']} samples, BA {ba if ba is None else f'{ba:.4f}'}, recall {recall}, "
+          f"weighted log loss {m['weighted_logloss']:.4f}")
+    print(f"confusion (rows true): {m['confusion_matrix']}")
+    return 0
