@@ -10,7 +10,10 @@ import torch
 
 from spinegrade.data.augment import BatchAugment, affine_slices, channels_last_5d, mixup, zoom
 from spinegrade.engine.checkpoint import (
-    load_checkpoint, rng_state, save_checkpoint, set_rng_state,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
 )
 from spinegrade.engine.tta import predict_views, tta_views
 from spinegrade.errors import UserError

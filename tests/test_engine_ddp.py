@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from engine_fixtures import cli_args, make_cache
 
+from engine_fixtures import cli_args, make_cache
 from spinegrade.engine.split import load_split, rows_for_fold
 
 # Learning rates high enough that the tiny model predicts more than one class.

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pandas as pd
 import pytest
-from engine_fixtures import make_cache, tiny_config
 
+from engine_fixtures import make_cache, tiny_config
 from spinegrade.config import EvalConfig
 from spinegrade.engine.monitor import ALARM, PASS, PENDING, WARN, DeadClassMonitor, health_table
 

@@ -10,8 +10,8 @@ import sys
 import pandas as pd
 import pytest
 import torch
-from engine_fixtures import cli_args, make_cache
 
+from engine_fixtures import cli_args, make_cache
 from spinegrade.engine.checkpoint import load_checkpoint
 from spinegrade.engine.train import KILL_ENV
 

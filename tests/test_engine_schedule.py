@@ -7,9 +7,9 @@ import math
 import pandas as pd
 import pytest
 import torch
-from engine_fixtures import make_cache, tiny_config
 
 import spinegrade.engine.train as train_mod
+from engine_fixtures import make_cache, tiny_config
 from spinegrade.config import load_config
 from spinegrade.engine.checkpoint import load_checkpoint
 from spinegrade.engine.schedule import FINETUNE, FROZEN, SWA, PhaseSchedule
@@ -30,7 +30,7 @@ def test_v8_schedule_numbers():
     mid = 1e-6 + (1e-4 - 1e-6) * 0.5 * (1 + math.cos(math.pi * t / (total - 1)))
     assert s.lrs(3 + t // 10, t % 10)["head"] == pytest.approx(mid)
     heads = [s.lrs(e, k)["head"] for e in range(3, 26) for k in range(10)]
-    assert all(a > b for a, b in zip(heads, heads[1:]))  # no restarts
+    assert all(a > b for a, b in zip(heads[:-1], heads[1:], strict=True))  # no restarts
     assert [e for e in range(1, 26) if s.in_swa(e)] == [20, 21, 22, 23, 24, 25]
 
 

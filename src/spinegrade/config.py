@@ -215,6 +215,9 @@ class PredictConfig:
     # Classifier checkpoint to use from each run folder (best | last | swa; falls back to
     # the others in that order when absent).
     checkpoint: str = "best"
+    # Priors times CLASS_WEIGHTS [1, 2, 4], renormalised: the constant that minimises the
+    # competition's weighted log loss (and what a class-weighted classifier outputs).
+    prior_reweight: bool = True
     device: str = "auto"
     figures: bool = True
 

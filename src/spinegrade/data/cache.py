@@ -349,10 +349,15 @@ def run_task(args: tuple[SeriesTask, DataConfig]) -> tuple[int, int, int]:
 
 
 def _init_worker() -> None:
+    import signal
+
     import cv2
 
     # One process per core already; OpenCV's own threads would only oversubscribe.
     cv2.setNumThreads(1)
+    # Ctrl-C is the parent's to handle (it terminates the pool); a worker dying mid-series
+    # on its own SIGINT would only add tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 # --- prepare: index -> tasks -> shards -> final store ------------------------------------------
@@ -519,7 +524,8 @@ def summarize(cache_dir: str | Path) -> str:
     """A few lines for the end of ``prepare``: samples per class, problems by kind, location."""
     cache = CropCache.open(cache_dir)
     counts = cache.meta.get("counts", {})
-    per_class = ", ".join(f"{k} {v}" for k, v in counts.get("per_class", {}).items())
+    classes = counts.get("per_class", {})
+    per_class = ", ".join(f"{k} {classes[k]}" for k in CLASS_NAMES if k in classes)
     lines = [f"cache: {cache.path}",
              f"samples: {len(cache)} ({per_class}); crops {tuple(cache.crops.shape)} uint8"]
     problems_path = cache.path / PROBLEMS_FILE

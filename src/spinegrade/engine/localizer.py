@@ -630,7 +630,7 @@ def train_one_epoch(model: HeatmapLocalizer, loader: Iterable[dict],
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
         optimizer.step()
-        total, n = total + float(loss), n + 1
+        total, n = total + float(loss.detach()), n + 1
     return total / max(n, 1)
 
 

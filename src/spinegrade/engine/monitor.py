@@ -49,10 +49,7 @@ def _normal_recall(rows: list[dict], ecfg: EvalConfig) -> dict:
     lo, hi = ecfg.normal_recall_range
     value = rows[-1][f"recall_{NORMAL}"]
     target = f"{lo:.0%}-{hi:.0%} (alarm > {ecfg.normal_recall_alarm:.0%})"
-    if value > ecfg.normal_recall_alarm:
-        status = ALARM
-    else:
-        status = PASS if lo <= value <= hi else WARN
+    status = ALARM if value > ecfg.normal_recall_alarm else PASS if lo <= value <= hi else WARN
     return _item("Normal/Mild recall", value, target, status)
 
 
@@ -61,10 +58,7 @@ def _loss_gap(rows: list[dict], ecfg: EvalConfig) -> dict:
     # what augmentation and dropout produce early on and is not a problem.
     gap = rows[-1]["val_loss"] - rows[-1]["train_loss"]
     target = f"< {ecfg.loss_gap_max:g} (alarm > {ecfg.loss_gap_alarm:g})"
-    if gap > ecfg.loss_gap_alarm:
-        status = ALARM
-    else:
-        status = PASS if gap < ecfg.loss_gap_max else WARN
+    status = ALARM if gap > ecfg.loss_gap_alarm else PASS if gap < ecfg.loss_gap_max else WARN
     return _item("train-val loss gap", gap, target, status)
 
 
@@ -130,7 +124,7 @@ class DeadClassMonitor:
         Returns:
             (dead class names this epoch, action to take now or None).
         """
-        counts = (dict(zip(CLASS_NAMES, pred_counts)) if not isinstance(pred_counts, dict)
+        counts = (dict(zip(CLASS_NAMES, pred_counts, strict=True)) if not isinstance(pred_counts, dict)
                   else pred_counts)
         dead = [c for c in CLASS_NAMES if int(counts[c]) == 0]
         for c in CLASS_NAMES:

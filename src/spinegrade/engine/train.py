@@ -33,7 +33,11 @@ from spinegrade.data.augment import BatchAugment, mixup, to_model_input
 from spinegrade.engine import checkpoint as ckpt_io
 from spinegrade.engine import distributed as dist_util
 from spinegrade.engine.loop import (
-    Settings, build_loaders, make_run_model, recompute_bn, seed_everything,
+    Settings,
+    build_loaders,
+    make_run_model,
+    recompute_bn,
+    seed_everything,
 )
 from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
 from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer

@@ -1,0 +1,74 @@
+"""``spinegrade predict``: localise, crop and grade new studies into a submission CSV."""
+
+from __future__ import annotations
+
+import argparse
+
+EXAMPLES = """\
+examples:
+  spinegrade predict --classifier runs/spinal --localizer runs/loc data/ --out submission.csv
+  spinegrade predict --classifier runs/spinal_f0:0.6 --classifier runs/spinal_f1:0.4 \\
+      --localizer runs/loc data/ --out submission.csv
+  spinegrade predict --classifier runs/spinal --localizer runs/loc --study data/test_images/123
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from spinegrade.cli import add_config_args
+
+    p = sub.add_parser(
+        "predict", help="grade new studies (localise levels, crop, classify) into a submission",
+        description=(
+            "Read DATA_DIR/test_series_descriptions.csv and DATA_DIR/test_images/ (or, with\n"
+            "--study, one study folder of DICOM series whose types come from SeriesDescription),\n"
+            "locate every disc level with the --localizer run, crop around it exactly as each\n"
+            "classifier run was trained (its own data config), classify with TTA and write one\n"
+            "row per study x condition x level (row_id, normal_mild, moderate, severe; rows sum\n"
+            "to 1). Runs of the same condition are averaged in probability space, weighted by\n"
+            "RUN:WEIGHT. Conditions without a classifier and levels that cannot be located get\n"
+            "prior probabilities (from the run's training labels, else the real class balance),\n"
+            "with a warning. Beside the submission: problems.csv, locations.csv, studies.csv\n"
+            "(per-study seconds) and <stem>_figures/<study>.png."
+        ),
+        epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_args(p)
+    p.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
+                   help="dataset folder with test_series_descriptions.csv and test_images/")
+    p.add_argument("--study", metavar="DIR",
+                   help="predict one study folder (series sub-folders, no CSV) and print its grades")
+    p.add_argument("--classifier", action="append", default=[], metavar="RUN[:WEIGHT]",
+                   help="classifier run folder, optionally with a weight (repeatable)")
+    p.add_argument("--localizer", required=True, metavar="RUN",
+                   help="run folder of 'spinegrade train-localizer'")
+    p.add_argument("--out", default=None,
+                   help="submission CSV to write (default: submission.csv, or "
+                        "<study>_submission.csv with --study)")
+    p.add_argument("--split", default="test", choices=("test", "train"),
+                   help="which CSV and images folder of DATA_DIR to read (default: test)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from spinegrade.config import load_config
+    from spinegrade.engine.predict import grade_table, predict
+    from spinegrade.errors import UserError
+
+    if (args.data_dir is None) == (args.study is None):
+        raise UserError("give either DATA_DIR or --study DIR (not both)")
+    cfg = load_config(args.config, args.overrides)
+    out = args.out or (f"{Path(args.study).name}_submission.csv" if args.study else "submission.csv")
+    result = predict(args.classifier, args.localizer, out, cfg.predict, data_dir=args.data_dir,
+                     study_dir=args.study, split=args.split, progress=not args.no_progress)
+    if args.study:
+        res = result.results[0]
+        print(f"study {res.study_id} ({res.seconds:.1f} s):")
+        print(grade_table(res).to_string(index=False))
+    n_prior = sum(r.source[k] != "model" for r in result.results for k in r.source)
+    print(f"wrote {result.files['submission']} ({len(result.submission)} rows, "
+          f"{len(result.results)} studies; {n_prior} rows from priors; "
+          f"{len(result.problems)} problems in {result.files['problems']})")
+    return 0

@@ -1,0 +1,541 @@
+"""Stage 2 on new studies: localise every level, crop as in training, classify, write a submission.
+
+For each study: read its series (from ``test_series_descriptions.csv`` + images, or from one
+study folder whose series types come from the DICOM SeriesDescription), locate each
+(condition, level) with the localizer, cut crops around it with *each classifier run's own*
+preprocessing config (so runs trained at different crop sizes combine correctly), classify
+with TTA, and average the runs of a condition in probability space (optionally weighted).
+Conditions without a classifier, and levels that cannot be located, get prior
+probabilities; a study whose series is missing or unreadable still gets all 25 rows, and
+every such case is listed in ``problems.csv`` next to the submission.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from spinegrade.config import Config, PredictConfig, config_from_dict
+from spinegrade.constants import (
+    CLASS_BALANCE,
+    CLASS_NAMES,
+    CLASS_WEIGHTS,
+    CONDITION_SERIES,
+    CONDITIONS,
+    LEVELS,
+    NUM_CLASSES,
+    SERIES_DESCRIPTIONS,
+    SUBMISSION_COLUMNS,
+    row_id,
+)
+from spinegrade.data.preprocess import CropRequest, build_cropper
+from spinegrade.data.rsna import Problem, write_problems
+from spinegrade.engine.checkpoint import CHECKPOINT_NAMES, checkpoint_path, load_checkpoint
+from spinegrade.engine.localizer import LocalizerRun, resolve_device
+from spinegrade.engine.tta import predict_views, tta_views
+from spinegrade.errors import UserError
+from spinegrade.io.atomic import atomic_path
+from spinegrade.io.dicom import Volume, read_series
+
+_log = logging.getLogger(__name__)
+
+
+# --- priors --------------------------------------------------------------------------------------
+
+
+def prior_probs(counts: np.ndarray, reweight: bool) -> np.ndarray:
+    """Class frequencies from counts (..., 3), optionally times ``CLASS_WEIGHTS``, normalised.
+
+    Reweighting gives the constant that minimises the competition's weighted log loss, which
+    is also what a classifier trained with class weights [1, 2, 4] outputs when it knows
+    nothing about the image.
+    """
+    p = np.asarray(counts, dtype=np.float64) + 1e-9
+    if reweight:
+        p = p * np.asarray(CLASS_WEIGHTS)
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def default_prior(condition: str, reweight: bool) -> np.ndarray:
+    """(5, 3) prior of a condition from ``CLASS_BALANCE`` (the same at every level)."""
+    return np.tile(prior_probs(np.asarray(CLASS_BALANCE[condition]), reweight), (len(LEVELS), 1))
+
+
+def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bool
+                   ) -> np.ndarray | None:
+    """(5, 3) per-level prior from a classifier run's training labels, or None if unknown.
+
+    The labels come from the run's crop cache (``run.json``) restricted to the studies that
+    ``split.csv`` puts outside the validation fold.
+    """
+    import json
+
+    info_path = run_dir / "run.json"
+    try:
+        from spinegrade.data.cache import CropCache
+
+        info = json.loads(info_path.read_text())
+        index = CropCache.open(info["cache"]).index
+        split = pd.read_csv(run_dir / "split.csv")
+        fold = info.get("fold", fold) if fold is None else fold
+        val = set(split.loc[split["fold"] == fold, "study_id"].astype(str))
+        train = index[~index["study_id"].astype(str).isin(val)]
+        counts = (pd.crosstab(train["level"], train["label"])
+                  .reindex(index=list(LEVELS), columns=range(NUM_CLASSES), fill_value=0))
+    except Exception as e:  # any missing piece: the caller falls back to CLASS_BALANCE
+        _log.info("%s: training labels not available for priors (%s)", run_dir, e)
+        return None
+    counts = counts.to_numpy(dtype=np.float64)
+    if counts.sum() == 0:
+        return None
+    # A level never seen in training borrows the condition's overall frequencies.
+    counts[counts.sum(axis=1) == 0] = counts.sum(axis=0)
+    return prior_probs(counts, reweight)
+
+
+# --- classifier runs -----------------------------------------------------------------------------
+
+
+def parse_classifier_spec(spec: str) -> tuple[Path, float]:
+    """``RUN`` or ``RUN:0.7`` -> (run folder, weight)."""
+    m = re.fullmatch(r"(.+):([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)", spec)
+    path, weight = (Path(m.group(1)), float(m.group(2))) if m else (Path(spec), 1.0)
+    if not path.is_dir():
+        raise UserError(f"--classifier {spec}: {path} is not a run folder")
+    if weight <= 0:
+        raise UserError(f"--classifier {spec}: the weight must be positive")
+    return path, weight
+
+
+@dataclass
+class ClassifierRun:
+    """One trained classifier run with its own preprocessing, ready to grade crops.
+
+    Attributes:
+        path: run folder.
+        weight: weight in the average over the condition's runs.
+        cfg: the run's resolved config (its ``data`` section defines the crops).
+        condition: the condition it grades.
+        model: the network, in eval mode.
+        cropper: crops exactly as the run's cache was made.
+        views: TTA views.
+        prior: (5, 3) prior used where a level cannot be graded.
+    """
+
+    path: Path
+    weight: float
+    cfg: Config
+    condition: str
+    model: torch.nn.Module
+    cropper: object
+    views: list
+    prior: np.ndarray
+    device: torch.device
+    checkpoint: str = "best"
+
+    @classmethod
+    def load(cls, path: Path, weight: float, pcfg: PredictConfig, device: torch.device
+             ) -> ClassifierRun:
+        """Load a run's checkpoint (``predict.checkpoint``, else the others) and config."""
+        from spinegrade.models import build_model
+
+        order = [pcfg.checkpoint] + [n for n in CHECKPOINT_NAMES if n != pcfg.checkpoint]
+        ck_path = next((checkpoint_path(path, n) for n in order
+                        if checkpoint_path(path, n).is_file()), None)
+        if ck_path is None:
+            raise UserError(f"{path}: no checkpoints/{{best,last,swa}}.pt; is it a training run?")
+        ck = load_checkpoint(ck_path, map_location=device)
+        if ck.get("kind") == "localizer" or "config" not in ck:
+            raise UserError(f"{ck_path}: not a classifier checkpoint")
+        cfg = config_from_dict(ck["config"])
+        mcfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_path="")
+        model = build_model(mcfg, n_slices=cfg.data.n_slices, num_classes=NUM_CLASSES)
+        model.load_state_dict(ck["model"])
+        model.to(device).eval()
+        ecfg = cfg.eval
+        views = (tta_views(ecfg.tta_brightness, ecfg.tta_scales) if pcfg.tta else tta_views())
+        cond = cfg.data.condition
+        prior = training_prior(path, cond, ck.get("fold"), pcfg.prior_reweight)
+        if prior is None:
+            prior = default_prior(cond, pcfg.prior_reweight)
+        return cls(path, weight, cfg, cond, model, build_cropper(cfg.data), views, prior, device,
+                   ck_path.stem)
+
+    @torch.no_grad()
+    def grade(self, volume: Volume, requests: Sequence[tuple[int, CropRequest]],
+              batch_size: int) -> dict[int, np.ndarray | Exception]:
+        """Class probabilities per level for crops around ``(level, request)`` in ``volume``."""
+        crops = self.cropper(volume, [r for _, r in requests])
+        out: dict[int, np.ndarray | Exception] = {}
+        ok = [(lv, c) for (lv, _), c in zip(requests, crops, strict=True)
+              if not isinstance(c, Exception)]
+        for (lv, _), c in zip(requests, crops, strict=True):
+            if isinstance(c, Exception):
+                out[lv] = c
+        for start in range(0, len(ok), batch_size):
+            chunk = ok[start:start + batch_size]
+            x = torch.from_numpy(np.stack([c for _, c in chunk])).to(self.device).float() / 255.0
+            level = torch.tensor([lv for lv, _ in chunk], dtype=torch.int64, device=self.device)
+            probs, _ = predict_views(self.model, x, level, self.views)
+            for (lv, _), p in zip(chunk, probs.cpu().numpy(), strict=True):
+                out[lv] = p.astype(np.float64)
+        return out
+
+
+def load_classifiers(specs: Sequence[str], pcfg: PredictConfig, device: torch.device
+                     ) -> dict[str, list[ClassifierRun]]:
+    """condition -> its classifier runs, from ``RUN[:weight]`` specs."""
+    runs: dict[str, list[ClassifierRun]] = {}
+    for spec in specs:
+        path, weight = parse_classifier_spec(spec)
+        run = ClassifierRun.load(path, weight, pcfg, device)
+        runs.setdefault(run.condition, []).append(run)
+        _log.info("classifier %s (%s, weight %g, %s.pt, crops %d px x %d slices)", path,
+                  run.condition, weight, run.checkpoint, run.cfg.data.img_size,
+                  run.cfg.data.n_slices)
+    return runs
+
+
+# --- studies -------------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyInput:
+    """One study to predict: its id and its series as (series_id, description, folder)."""
+
+    study_id: str
+    series: list[tuple[str, str, Path]] = field(default_factory=list)
+
+
+def series_type(description: str, orientation: str = "") -> str | None:
+    """Map a DICOM SeriesDescription (and orientation label) to one of SERIES_DESCRIPTIONS."""
+    if description in SERIES_DESCRIPTIONS:
+        return description
+    d = description.lower()
+    if "ax" in d or orientation == "AX":
+        return "Axial T2"
+    if "sag" in d or orientation == "SAG":
+        if "stir" in d or "t2" in d:
+            return "Sagittal T2/STIR"
+        if "t1" in d:
+            return "Sagittal T1"
+    return None
+
+
+def studies_from_dataset(data_dir: Path, split: str = "test") -> list[StudyInput]:
+    """Studies listed in ``{split}_series_descriptions.csv``; images in ``{split}_images``."""
+    csv = data_dir / f"{split}_series_descriptions.csv"
+    if not csv.is_file():
+        raise UserError(f"{csv} not found: DATA_DIR must hold {split}_series_descriptions.csv "
+                        f"and {split}_images/ (or use --study for one study folder)")
+    df = pd.read_csv(csv, dtype=str).dropna(subset=["study_id"])
+    images = data_dir / f"{split}_images"
+    studies: dict[str, StudyInput] = {}
+    for r in df.itertuples():
+        st = studies.setdefault(r.study_id, StudyInput(r.study_id))
+        if isinstance(r.series_id, str) and r.series_id:
+            st.series.append((r.series_id, str(r.series_description),
+                              images / r.study_id / r.series_id))
+    return list(studies.values())
+
+
+def study_from_folder(folder: Path) -> tuple[StudyInput, list[Problem]]:
+    """One study folder of series folders; series types from their DICOM headers."""
+    if not folder.is_dir():
+        raise UserError(f"--study {folder}: not a folder")
+    problems: list[Problem] = []
+    st = StudyInput(folder.name)
+    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
+        try:
+            vol = read_series(sub, load_pixels=False)
+        except (UserError, OSError) as e:
+            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
+                                    "unreadable_series", "skipped", str(e)))
+            continue
+        desc = series_type(vol.series_description, vol.orientation_label)
+        if desc is None:
+            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
+                                    "unknown_series_type", "skipped",
+                                    f"SeriesDescription '{vol.series_description}' "
+                                    f"({vol.orientation_label}) is not one of "
+                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
+            continue
+        st.series.append((sub.name, desc, sub))
+    return st, problems
+
+
+def _int(text: str) -> int:
+    return int(text) if str(text).isdigit() else -1
+
+
+# --- one study -----------------------------------------------------------------------------------
+
+
+@dataclass
+class StudyResult:
+    """Predictions for one study.
+
+    Attributes:
+        study_id: the study.
+        probs: (condition, level index) -> (3,) probabilities.
+        source: (condition, level index) -> "model" or why the prior was used.
+        located: the localizer's rows (series_id is the real series id).
+        volumes: series id -> Volume read (kept for the figure).
+        seconds: wall time.
+    """
+
+    study_id: str
+    probs: dict[tuple[str, int], np.ndarray]
+    source: dict[tuple[str, int], str]
+    located: pd.DataFrame
+    volumes: dict[str, Volume]
+    seconds: float = 0.0
+
+
+def _read_volumes(st: StudyInput, problems: list[Problem]) -> dict[str, tuple[str, Volume]]:
+    """series id -> (description, Volume); missing or unreadable series become problems."""
+    out: dict[str, tuple[str, Volume]] = {}
+    for sid, desc, folder in st.series:
+        if not folder.is_dir():
+            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
+                                    "missing_series", "skipped", "series folder not found"))
+            continue
+        try:
+            out[sid] = (desc, read_series(folder))
+        except (UserError, OSError, ValueError) as e:
+            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
+                                    "unreadable_series", "skipped", str(e)))
+    present = {d for d, _ in out.values()}
+    for desc in sorted(set(CONDITION_SERIES.values()) - present):
+        problems.append(Problem(_int(st.study_id), -1, "", -1, "no_series", "warning",
+                                f"no readable {desc} series: its conditions get the prior"))
+    return out
+
+
+def _locate(localizer: LocalizerRun, st: StudyInput, volumes: dict[str, tuple[str, Volume]],
+            problems: list[Problem]) -> pd.DataFrame:
+    """Localizer rows for the study, with the real series ids."""
+    keys = list(volumes)
+    prepared = []
+    for k, sid in enumerate(keys):
+        desc, vol = volumes[sid]
+        if desc not in localizer.series_descriptions:
+            continue
+        try:
+            prepared.append((desc, localizer.prepare(vol, _int(st.study_id), k)))
+        except (ValueError, cv2_error()) as e:
+            problems.append(Problem(_int(st.study_id), _int(sid), str(vol.path), -1,
+                                    "localizer_failed", "skipped", str(e)))
+    located = localizer.locate(prepared)
+    located["series_id"] = [keys[int(k)] for k in located["series_id"]]
+    located["study_id"] = st.study_id
+    return located
+
+
+def cv2_error() -> type[Exception]:
+    """OpenCV's exception type (cv2.error), for except clauses."""
+    import cv2
+
+    return cv2.error
+
+
+def _grade_condition(cond: str, runs: Sequence[ClassifierRun], located: pd.DataFrame,
+                     volumes: dict[str, tuple[str, Volume]], pcfg: PredictConfig,
+                     min_score: float) -> tuple[dict[int, np.ndarray], dict[int, str]]:
+    """Per level: the weighted mean of the runs' probabilities, or None with the reason."""
+    here = located[(located["condition"] == cond) & (located["score"] >= min_score)]
+    here = here[here["series_id"].isin(list(volumes))]
+    requests: dict[str, list[tuple[int, CropRequest]]] = {}
+    for r in here.itertuples():
+        requests.setdefault(r.series_id, []).append(
+            (int(r.level_idx), CropRequest(int(r.instance_number), float(r.x), float(r.y))))
+    sums: dict[int, np.ndarray] = {}
+    weights: dict[int, float] = {}
+    errors: dict[int, str] = {}
+    for sid, reqs in requests.items():
+        vol = volumes[sid][1]
+        for run in runs:
+            for lv, p in run.grade(vol, reqs, pcfg.batch_size).items():
+                if isinstance(p, Exception):
+                    errors[lv] = f"crop failed ({p})"
+                    continue
+                sums[lv] = sums.get(lv, 0.0) + run.weight * p
+                weights[lv] = weights.get(lv, 0.0) + run.weight
+    probs = {lv: sums[lv] / weights[lv] for lv in sums}
+    reasons = {}
+    for lv in range(len(LEVELS)):
+        if lv not in probs:
+            reasons[lv] = errors.get(lv, "not located")
+    return probs, reasons
+
+
+def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str, list[ClassifierRun]],
+                  pcfg: PredictConfig, problems: list[Problem]) -> StudyResult:
+    """All 25 (condition, level) predictions of one study; never raises on bad input data."""
+    start = time.perf_counter()
+    volumes = _read_volumes(st, problems)
+    located = _locate(localizer, st, volumes, problems)
+    probs: dict[tuple[str, int], np.ndarray] = {}
+    source: dict[tuple[str, int], str] = {}
+    for cond in CONDITIONS:
+        runs = classifiers.get(cond, [])
+        if not runs:
+            for lv in range(len(LEVELS)):
+                probs[(cond, lv)] = default_prior(cond, pcfg.prior_reweight)[lv]
+                source[(cond, lv)] = "prior: no classifier"
+            continue
+        total = sum(r.weight for r in runs)
+        prior = sum(r.weight * r.prior for r in runs) / total
+        got, reasons = _grade_condition(cond, runs, located, volumes, pcfg,
+                                        localizer.lcfg.min_score)
+        for lv in range(len(LEVELS)):
+            if lv in got:
+                probs[(cond, lv)], source[(cond, lv)] = got[lv], "model"
+                continue
+            probs[(cond, lv)], source[(cond, lv)] = prior[lv], f"prior: {reasons[lv]}"
+            problems.append(Problem(_int(st.study_id), -1, "", -1, "prior_used", "warning",
+                                    f"{row_id(st.study_id, cond, LEVELS[lv])}: {reasons[lv]}; "
+                                    "prior probabilities used"))
+    return StudyResult(st.study_id, probs, source, located,
+                       {sid: v for sid, (_, v) in volumes.items()}, time.perf_counter() - start)
+
+
+def submission_rows(result: StudyResult) -> list[dict]:
+    """The study's 25 submission rows (probabilities renormalised to sum to 1)."""
+    rows = []
+    for cond in CONDITIONS:
+        for lv, level in enumerate(LEVELS):
+            p = np.clip(np.asarray(result.probs[(cond, lv)], dtype=np.float64), 0.0, None)
+            p = p / p.sum() if p.sum() > 0 else np.full(NUM_CLASSES, 1.0 / NUM_CLASSES)
+            rows.append({SUBMISSION_COLUMNS[0]: row_id(result.study_id, cond, level),
+                         **dict(zip(SUBMISSION_COLUMNS[1:], p, strict=True))})
+    return rows
+
+
+def grade_table(result: StudyResult) -> pd.DataFrame:
+    """Per (level, condition): probabilities, predicted grade and where they came from."""
+    from spinegrade.constants import SEVERITIES
+
+    rows = []
+    for lv, level in enumerate(LEVELS):
+        for cond in CONDITIONS:
+            p = result.probs[(cond, lv)] / np.sum(result.probs[(cond, lv)])
+            rows.append({"level": level, "condition": cond,
+                         **dict(zip(CLASS_NAMES, np.round(p, 3), strict=True)),
+                         "grade": SEVERITIES[int(np.argmax(p))],
+                         "source": result.source[(cond, lv)]})
+    return pd.DataFrame(rows)
+
+
+# --- the whole run -------------------------------------------------------------------------------
+
+
+@dataclass
+class PredictOutput:
+    """What :func:`predict` wrote and returns."""
+
+    submission: pd.DataFrame
+    results: list[StudyResult]
+    problems: list[Problem]
+    files: dict[str, Path]
+
+
+def predict(
+    classifier_specs: Sequence[str],
+    localizer_dir: str | Path,
+    out_path: str | Path,
+    pcfg: PredictConfig,
+    *,
+    data_dir: str | Path | None = None,
+    study_dir: str | Path | None = None,
+    split: str = "test",
+    progress: bool = True,
+) -> PredictOutput:
+    """Predict every study of a dataset (or one study folder) and write the submission.
+
+    Args:
+        classifier_specs: ``RUN`` or ``RUN:weight`` per classifier run (any conditions;
+            runs of the same condition are averaged).
+        localizer_dir: a ``train-localizer`` run folder.
+        out_path: submission CSV, written atomically. Beside it: ``problems.csv``,
+            ``locations.csv`` (every located level), ``studies.csv`` (per-study timing) and,
+            with ``predict.figures``, ``<stem>_figures/<study>.png``.
+        pcfg: the ``predict`` config section.
+        data_dir: dataset folder with ``{split}_series_descriptions.csv`` + ``{split}_images``.
+        study_dir: instead, one study folder of DICOM series (no CSV).
+        split: ``test`` or ``train`` (which CSV / images folder of ``data_dir``).
+        progress: show a progress bar.
+    """
+    from tqdm import tqdm
+
+    if (data_dir is None) == (study_dir is None):
+        raise UserError("give either DATA_DIR or --study DIR")
+    device = resolve_device(pcfg.device)
+    problems: list[Problem] = []
+    if study_dir is not None:
+        st, probs = study_from_folder(Path(study_dir))
+        studies, problems = [st], probs
+    else:
+        studies = studies_from_dataset(Path(data_dir), split)
+    localizer = LocalizerRun.load(localizer_dir, pcfg.device)
+    classifiers = load_classifiers(classifier_specs, pcfg, device)
+    for cond in CONDITIONS:
+        if cond not in classifiers:
+            _log.warning("no classifier for %s: its rows get the prior", cond)
+    out = Path(out_path)
+    fig_dir = out.parent / f"{out.stem}_figures"
+    results, rows = [], []
+    bar = tqdm(studies, desc="predict", unit="study", disable=not progress)
+    for st in bar:
+        res = predict_study(st, localizer, classifiers, pcfg, problems)
+        rows += submission_rows(res)
+        if pcfg.figures:
+            _figure(res, fig_dir / f"{st.study_id}.png", problems)
+        res.volumes = {}  # the pixels are not needed any more
+        results.append(res)
+        bar.set_postfix_str(f"{st.study_id}: {res.seconds:.1f} s")
+        _log.debug("study %s: %.2f s", st.study_id, res.seconds)
+    submission = pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS))
+    files = _write_outputs(out, submission, results, problems)
+    if pcfg.figures:
+        files["figures"] = fig_dir
+    return PredictOutput(submission, results, problems, files)
+
+
+def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
+    from spinegrade.report.predict import plot_study
+
+    try:
+        plot_study(res, path)
+    except Exception as e:  # a figure must never cost a submission row
+        problems.append(Problem(_int(res.study_id), -1, str(path), -1, "figure_failed",
+                                "warning", f"{type(e).__name__}: {e}"))
+
+
+def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResult],
+                   problems: list[Problem]) -> dict[str, Path]:
+    files = {"submission": out, "problems": out.parent / "problems.csv",
+             "locations": out.parent / "locations.csv", "studies": out.parent / "studies.csv"}
+    with atomic_path(out, suffix=".csv") as tmp:
+        submission.to_csv(tmp, index=False, float_format="%.6f")
+    write_problems(files["problems"], problems)
+    located = [r.located for r in results if not r.located.empty]
+    loc = pd.concat(located, ignore_index=True) if located else pd.DataFrame()
+    with atomic_path(files["locations"], suffix=".csv") as tmp:
+        loc.to_csv(tmp, index=False)
+    timing = pd.DataFrame([{"study_id": r.study_id, "seconds": round(r.seconds, 3),
+                            "graded": sum(s == "model" for s in r.source.values()),
+                            "prior": sum(s != "model" for s in r.source.values())}
+                           for r in results])
+    with atomic_path(files["studies"], suffix=".csv") as tmp:
+        timing.to_csv(tmp, index=False)
+    return files
