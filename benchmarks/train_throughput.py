@@ -63,8 +63,8 @@ def step_rate(cfg: Config, cache, s: Settings, steps: int) -> float:
     sched = PhaseSchedule.from_config(cfg.train, steps_per_epoch=steps)
     bs = cfg.train.batch_size
     batch = {"image": torch.from_numpy(np.array(cache.crops[:bs])),
-             "label": torch.from_numpy(cache.index["label"].to_numpy()[:bs]),
-             "level": torch.from_numpy(cache.index["level_idx"].to_numpy()[:bs])}
+             "label": torch.from_numpy(cache.index["label"].to_numpy()[:bs].copy()),
+             "level": torch.from_numpy(cache.index["level_idx"].to_numpy()[:bs].copy())}
     batch = {k: v.to(s.device) for k, v in batch.items()}  # resident: time the step only
     aug, gen = BatchAugment(), torch.Generator().manual_seed(0)
     epoch = cfg.train.freeze_epochs + 1  # fine-tuning: the whole network trains

@@ -338,3 +338,35 @@ def test_orientation_labels_by_hand():
     # 45 deg between sagittal and coronal: 0.707 < 0.8 -> oblique.
     assert geometry.orientation_label(np.array([0.7071, 0.7071, 0.0])) == "oblique"
     assert geometry.orientation_label(np.full(3, np.nan)) == "unknown"
+
+
+def test_lazy_read_decodes_on_access_and_still_drops_truncated_files(tmp_path):
+    folder = tmp_path / "s"
+    write_series(folder, order="shuffled")
+    write_broken_file(folder / "9.dcm", "truncated", source=sorted(folder.glob("*.dcm"))[0])
+    eager = read_series(folder)
+    lazy = read_series(folder, lazy_pixels=True)
+    # The truncated file is found by its PixelData length, without decoding anything.
+    assert lazy.problems == eager.problems and lazy.files == eager.files
+    assert lazy.slices.n_decoded == 0
+    np.testing.assert_array_equal(lazy.slices[2], eager.slices[2])
+    assert lazy.slices.n_decoded == 1
+    assert len(lazy.slices) == len(eager.slices)
+    np.testing.assert_array_equal(np.stack(list(lazy.slices)), np.stack(eager.slices))
+
+
+def test_lazy_read_raises_on_a_slice_that_cannot_be_decoded(tmp_path):
+    from spinegrade.io.dicom import PixelDecodeError
+
+    folder = tmp_path / "s"
+    write_series(folder, n=3, transfer_syntax="rle")
+    bad = sorted(folder.glob("*.dcm"))[1]
+    ds = pydicom.dcmread(bad)
+    ds.PixelData = ds.PixelData[:40] + b"\0" * (len(ds.PixelData) - 40)  # same length, garbage
+    ds.save_as(bad)
+    lazy = read_series(folder, lazy_pixels=True)
+    eager = read_series(folder)
+    assert len(lazy) == 3 and len(eager) == 2  # the eager reader drops it
+    j = lazy.files.index(bad)
+    with pytest.raises(PixelDecodeError, match="cannot decode pixels"):
+        lazy.slices[j]

@@ -200,8 +200,11 @@ class LocalizerConfig:
     device: str = "auto"
     # Soft-argmax window half-width (heatmap cells) around the peak.
     refine_radius: int = 2
+    # Sagittal series: assign each condition's 5 levels to 5 consecutive discs along the
+    # spine (best summed score) instead of taking each level's own maximum.
+    ordered_levels: bool = True
     # A keypoint whose best peak (sigmoid) is below this is reported as not located.
-    min_score: float = 0.05
+    min_score: float = 0.01
 
 
 @dataclass(frozen=True)
@@ -218,6 +221,9 @@ class PredictConfig:
     # Priors times CLASS_WEIGHTS [1, 2, 4], renormalised: the constant that minimises the
     # competition's weighted log loss (and what a class-weighted classifier outputs).
     prior_reweight: bool = True
+    # Peak score under which a level counts as not located; < 0: the localizer run's
+    # localizer.min_score.
+    min_location_score: float = -1.0
     device: str = "auto"
     figures: bool = True
 

@@ -9,10 +9,11 @@ every pixel-affecting DataConfig field, so a changed setting never reuses stale 
     meta.json      data_cfg, cache key, versions, counts; written last (= the cache is complete)
 
 While preparing, the folder also holds ``crops.partial-<index hash>.npy`` (preallocated, one
-row per index row) and ``shards/<study>_<series>.json`` markers. Each series is read once,
-each slice any crop needs is windowed and equalised once, all of the series' crops are
-written into their rows of the partial store and flushed, and only then is the series'
-marker written (atomically). A rerun after an interruption (Ctrl-C, kill -9) skips series
+row per index row) and ``shards/<study>_<series>.json`` markers. Each series is read once
+(every file parsed once, only the slices some crop needs decoded), each such slice is
+windowed and equalised once, and all of the series' crops are written into their rows of
+the partial store. Series run in chunks of a few: the chunk's rows are synced to disk, and
+only then are its series' markers written (atomically). A rerun after an interruption (Ctrl-C, kill -9) skips series
 whose marker exists and matches their task, and redoes the others. At the end the partial
 store is renamed to ``crops.npy`` (or, when some samples failed, its good rows are copied),
 after ``index.csv`` and ``problems.csv`` and before ``meta.json``; markers are removed.
@@ -268,33 +269,66 @@ def _reader_problems(task: SeriesTask, volume: Any) -> list[Problem]:
 
 def process_series(task: SeriesTask, data_cfg: DataConfig) -> tuple[list[int], np.ndarray,
                                                                       list[Problem]]:
-    """Read one series once and cut all its crops.
+    """Read one series once and cut all its crops (see ``_series_crops``).
+
+    Returns:
+        ``(sample_ids, crops, problems)`` for the samples that succeeded, crops stacked as
+        ``(n, n_slices, 3, S, S)``; a series that cannot be read gives no crops and a
+        problem, never an exception.
+    """
+    ids, crops, problems = _series_crops(task, data_cfg)
+    size = data_cfg.img_size
+    stacked = (np.stack(crops) if crops
+               else np.zeros((0, data_cfg.n_slices, 3, size, size), dtype=np.uint8))
+    return ids, stacked, problems
+
+
+def _series_crops(task: SeriesTask, data_cfg: DataConfig) -> tuple[list[int], list[np.ndarray],
+                                                                     list[Problem]]:
+    """Read one series once and cut all its crops, one array per successful sample.
+
+    Every file is parsed once, but only the slices some crop needs are decoded (windows and
+    CLAHE likewise run once per needed slice). A used slice that fails to decode makes the
+    series be read again eagerly, which drops that file from the stack exactly as before.
 
     Returns:
         ``(sample_ids, crops, problems)`` for the samples that succeeded; a series that cannot
         be read gives no crops and a problem, never an exception.
     """
-    from spinegrade.io.dicom import read_series  # here: keeps the module importable alone
+    from spinegrade.io.dicom import PixelDecodeError, read_series
 
-    n_slices, size = data_cfg.n_slices, data_cfg.img_size
-    empty = np.zeros((0, n_slices, 3, size, size), dtype=np.uint8)
+    n_slices = data_cfg.n_slices
+    empty: list[np.ndarray] = []
     rel_dir = _relative(task.series_dir, task.data_dir)
+    wanted = [r.instance_number for r in task.requests]
 
-    def fail(kind: str, message: str) -> tuple[list[int], np.ndarray, list[Problem]]:
+    def fail(kind: str, message: str) -> tuple[list[int], list[np.ndarray], list[Problem]]:
         return [], empty, [Problem(task.study_id, task.series_id, rel_dir, -1, kind, "skipped",
                                    message)]
 
+    cropper = _cropper(data_cfg)
     try:
-        volume = read_series(task.series_dir, [r.instance_number for r in task.requests])
+        volume = read_series(task.series_dir, wanted, lazy_pixels=True)
     except Exception as e:  # a damaged series must never stop the run
         return fail("unreadable_series", f"{type(e).__name__}: {e}")
+    try:
+        results = cropper(volume, task.requests)
+    except PixelDecodeError:  # rare: let the eager reader drop and report the file
+        try:
+            volume = read_series(task.series_dir, wanted)
+        except Exception as e:  # same reason as above
+            return fail("unreadable_series", f"{type(e).__name__}: {e}")
+        results = None
+    except Exception:  # reported below, with the reader's problems
+        results = None
     problems = _reader_problems(task, volume)
     if len(volume.slices) < n_slices:
         problems.append(Problem(task.study_id, task.series_id, rel_dir, -1, "short_series",
                                 "warning", f"{len(volume.slices)} slices < n_slices={n_slices}; "
                                 "edge slices replicated"))
     try:
-        results = _cropper(data_cfg)(volume, task.requests)
+        if results is None:
+            results = cropper(volume, task.requests)
     except Exception as e:  # e.g. geometry a crop cannot use; skip the series, keep going
         return [], empty, problems + fail("crop_failed", f"{type(e).__name__}: {e}")[2]
     ids, crops = [], []
@@ -308,25 +342,68 @@ def process_series(task: SeriesTask, data_cfg: DataConfig) -> tuple[list[int], n
                                 _relative(task.series_dir / f"{req.instance_number}.dcm",
                                           task.data_dir), -1, kind, "skipped",
                                 str(res).strip("'\"")))
-    return ids, (np.stack(crops) if crops else empty), problems
+    return ids, crops, problems
+
+
+class _ShardWriter:
+    """Writes series' rows into the partial store, then their markers after one sync.
+
+    Rows go straight into the file (``pwrite``, no memory map to fault in and msync). A
+    marker is only written after ``commit`` has synced the rows of its series to disk, so a
+    marker always means its rows are complete; a series killed before that has no marker and
+    is redone. One sync per chunk of series instead of one per series.
+    """
+
+    def __init__(self, crops_file: str) -> None:
+        store = np.load(crops_file, mmap_mode="r")
+        self._offset, self._row_bytes = int(store.offset), int(np.prod(store.shape[1:]))
+        del store
+        self._fd = os.open(crops_file, os.O_RDWR)
+        self._pending: list[tuple[SeriesTask, list[int], list[Problem]]] = []
+        self._dirty = False
+
+    def add(self, task: SeriesTask, ids: list[int], crops: Sequence[np.ndarray],
+            problems: list[Problem]) -> None:
+        """Write the series' rows (not yet synced); its marker waits for ``commit``."""
+        for k, sid in enumerate(ids):
+            row = np.ascontiguousarray(crops[k])
+            if os.pwrite(self._fd, row, self._offset + int(sid) * self._row_bytes) != row.nbytes:
+                raise OSError(f"short write to {task.crops_file}")
+            self._dirty = True
+        self._pending.append((task, [int(i) for i in ids], problems))
+
+    def commit(self) -> None:
+        """Sync the rows written so far, then write the waiting markers."""
+        if self._dirty:
+            getattr(os, "fdatasync", os.fsync)(self._fd)
+            self._dirty = False
+        for task, ids, problems in self._pending:
+            marker = {"fingerprint": task.fingerprint, "sample_ids": ids,
+                      "problems": [dataclasses.asdict(p) for p in problems]}
+            _write_marker(Path(task.shard), json.dumps(marker))
+        self._pending.clear()
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def _write_marker(path: Path, text: str) -> None:
+    """Atomic rename without fsync: the rows it vouches for are already synced, and a marker
+    lost or torn by a power cut only makes its series be redone (``_read_shard`` -> None)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _write_shard(task: SeriesTask, ids: list[int], crops: np.ndarray,
                  problems: list[Problem]) -> None:
-    """Put the crops into their rows of the partial store, then write the series' marker.
-
-    The rows are flushed to disk before the marker exists, so a marker always means its rows
-    are complete; a series killed half-way has no marker and is redone.
-    """
-    if ids:
-        store = np.load(task.crops_file, mmap_mode="r+")
-        for k, sid in enumerate(ids):
-            store[sid] = crops[k]
-        store.flush()
-        del store
-    marker = {"fingerprint": task.fingerprint, "sample_ids": [int(i) for i in ids],
-              "problems": [dataclasses.asdict(p) for p in problems]}
-    atomic_write_text(task.shard, json.dumps(marker))
+    """Put one series' crops into their rows of the partial store, sync, write its marker."""
+    writer = _ShardWriter(task.crops_file)
+    try:
+        writer.add(task, ids, crops, problems)
+        writer.commit()
+    finally:
+        writer.close()
 
 
 def _read_shard(path: str | Path, fingerprint: str) -> tuple[list[int], list[Problem]] | None:
@@ -343,9 +420,29 @@ def _read_shard(path: str | Path, fingerprint: str) -> tuple[list[int], list[Pro
 def run_task(args: tuple[SeriesTask, DataConfig]) -> tuple[int, int, int]:
     """Worker entry point: process one series, store it; returns (series, ok, problems)."""
     task, data_cfg = args
-    ids, crops, problems = process_series(task, data_cfg)
-    _write_shard(task, ids, crops, problems)
-    return task.series_id, len(ids), len(problems)
+    return run_chunk(((task,), data_cfg))[0]
+
+
+def run_chunk(args: tuple[Sequence[SeriesTask], DataConfig]) -> list[tuple[int, int, int]]:
+    """Worker entry point: process a few series, store them with one sync.
+
+    Returns:
+        ``(series, ok, problems)`` per series.
+    """
+    tasks, data_cfg = args
+    if not tasks:
+        return []
+    writer = _ShardWriter(tasks[0].crops_file)
+    out = []
+    try:
+        for task in tasks:
+            ids, crops, problems = _series_crops(task, data_cfg)  # no stacked copy
+            writer.add(task, ids, crops, problems)
+            out.append((task.series_id, len(ids), len(problems)))
+        writer.commit()
+    finally:
+        writer.close()
+    return out
 
 
 def _init_worker() -> None:
@@ -376,30 +473,64 @@ def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path,
     return tasks
 
 
+def _chunks(tasks: list[SeriesTask], workers: int) -> list[tuple[SeriesTask, ...]]:
+    """Series grouped for one sync each: about four chunks per worker, at most 8 series."""
+    size = max(1, min(8, -(-len(tasks) // (4 * max(workers, 1)))))
+    return [tuple(tasks[i:i + size]) for i in range(0, len(tasks), size)]
+
+
+def _start_method() -> str:
+    """'fork' on Linux when it is safe, else 'spawn'.
+
+    fork starts a worker in milliseconds instead of re-importing numpy/pandas/OpenCV/pydicom
+    (~0.6 s each). It is safe while this process runs no other thread (a forked child would
+    inherit locks held by them) and has not initialised CUDA; workers set OpenCV to one
+    thread, so no OpenCV thread pool state is used in them.
+    """
+    import sys
+    import threading
+
+    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+        return "spawn"
+    torch = sys.modules.get("torch")
+    if torch is not None and getattr(torch, "cuda", None) is not None:
+        try:
+            if torch.cuda.is_initialized():
+                return "spawn"
+        except Exception:  # an odd torch build: be safe
+            return "spawn"
+    return "fork"
+
+
 def _run_tasks(tasks: list[SeriesTask], data_cfg: DataConfig, workers: int,
                progress: bool) -> None:
-    """Run the tasks whose shard is missing, in ``workers`` spawned processes (1: in-process)."""
+    """Run the tasks whose shard is missing, in ``workers`` processes (1: in-process)."""
     from tqdm import tqdm
 
     todo = [t for t in tasks if _read_shard(t.shard, t.fingerprint) is None]
     if len(todo) < len(tasks):
         log.info("resuming: %d of %d series already done", len(tasks) - len(todo), len(tasks))
+    jobs = [(chunk, data_cfg) for chunk in _chunks(todo, workers)]
+    pool = None
+    if workers > 1 and len(jobs) > 1:
+        # Before the progress bar, whose monitor thread would make fork unsafe.
+        ctx = multiprocessing.get_context(_start_method())
+        pool = ctx.Pool(min(workers, len(jobs)), initializer=_init_worker)
+    # No tqdm at all without progress: even a disabled bar starts tqdm's monitor thread, which
+    # would make the next prepare in this process fall back to spawn.
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="prepare",
-               unit="series", disable=not progress, dynamic_ncols=True)
-    jobs = [(t, data_cfg) for t in todo]
+               unit="series", dynamic_ncols=True) if progress else None
     try:
-        if workers <= 1 or len(todo) <= 1:
-            for job in jobs:
-                run_task(job)
-                bar.update()
-        else:
-            # spawn: the same on every OS, and no forked OpenCV/BLAS thread state.
-            ctx = multiprocessing.get_context("spawn")
-            with ctx.Pool(min(workers, len(todo)), initializer=_init_worker) as pool:
-                for _ in pool.imap_unordered(run_task, jobs, chunksize=1):
-                    bar.update()
+        results = map(run_chunk, jobs) if pool is None else pool.imap_unordered(run_chunk, jobs)
+        for done in results:
+            if bar is not None:
+                bar.update(len(done))
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
+        if pool is not None:
+            pool.terminate()  # as ``with Pool``: every job is done or the run is abandoned
+            pool.join()
 
 
 def _consolidate(cache_dir: Path, index: pd.DataFrame, tasks: list[SeriesTask],

@@ -449,29 +449,92 @@ def heatmaps(model: HeatmapLocalizer, series: PreparedSeries, n_context: int,
     return torch.cat(out)
 
 
-def soft_argmax(hm: np.ndarray, radius: int) -> tuple[float, float, float]:
-    """(x, y, peak) on one heatmap: centroid of the window of ``radius`` around the max."""
+def soft_argmax(hm: np.ndarray, radius: int, at: tuple[int, int] | None = None
+                ) -> tuple[float, float, float]:
+    """(x, y, peak) on one heatmap: centroid of the window of ``radius`` around a cell.
+
+    The cell is the heatmap's maximum, or ``at = (row, column)`` when given.
+    """
     h, w = hm.shape
-    py, px = np.unravel_index(int(np.argmax(hm)), hm.shape)
+    py, px = at if at is not None else np.unravel_index(int(np.argmax(hm)), hm.shape)
     y0, y1, x0, x1 = max(0, py - radius), min(h, py + radius + 1), max(0, px - radius), min(w, px + radius + 1)
     win = hm[y0:y1, x0:x1].astype(np.float64)
     total = win.sum()
     if total <= 0:
         return float(px), float(py), float(hm[py, px])
     ys, xs = np.mgrid[y0:y1, x0:x1]
-    return float((win * xs).sum() / total), float((win * ys).sum() / total), float(hm[py, px])
+    return float((win * xs).sum() / total), float((win * ys).sum() / total), float(win.max())
+
+
+def _disc_candidates(union: np.ndarray, min_sep: float, rel: float = 0.1) -> list[tuple[int, int]]:
+    """Local maxima (row, column) of a heatmap, strongest first, at least ``min_sep`` apart."""
+    dil = cv2.dilate(union.astype(np.float32), np.ones((3, 3), np.uint8))
+    ys, xs = np.nonzero((union >= dil) & (union >= rel * union.max()) & (union > 0))
+    order = np.argsort(-union[ys, xs])
+    kept: list[tuple[int, int]] = []
+    for i in order:
+        if all((ys[i] - ky) ** 2 + (xs[i] - kx) ** 2 >= min_sep**2 for ky, kx in kept):
+            kept.append((int(ys[i]), int(xs[i])))
+    return kept
+
+
+def ordered_level_cells(hm: np.ndarray, channels: Sequence[int], series: PreparedSeries,
+                        stride: int, min_sep_mm: float = 15.0) -> dict[int, tuple[int, int]] | None:
+    """Assign a condition's level channels to consecutive discs along the spine.
+
+    The peaks of all level channels (max over slices) are disc candidates; sorted from
+    superior to inferior (patient z, or image rows without geometry), the levels L1/L2 ..
+    L5/S1 must be consecutive candidates. The window of candidates with the highest summed
+    channel scores wins, so a channel that also fires on a neighbouring disc cannot take it
+    when its neighbour explains that disc better. None when there are too few candidates.
+    """
+    proj = hm[:, list(channels)].max(axis=0)  # (L, h, w)
+    j0 = len(series) // 2
+    h, w = series.shapes[j0]
+    mm_per_cell = float(np.nanmean(series.pixel_spacing[j0])) * max(h, w) / hm.shape[-1]
+    if not np.isfinite(mm_per_cell) or mm_per_cell <= 0:
+        mm_per_cell = 1.0
+    cands = _disc_candidates(proj.max(axis=0), min_sep_mm / mm_per_cell)
+    if len(cands) < len(channels):
+        return None
+
+    def height(c: tuple[int, int]) -> float:
+        gx, gy = c[1] * stride + (stride - 1) / 2.0, c[0] * stride + (stride - 1) / 2.0
+        z = series.patient_point(j0, *series.to_native(j0, gx, gy))[2]
+        return float(z) if np.isfinite(z) else -float(c[0])
+
+    cands.sort(key=height, reverse=True)
+    n = len(channels)
+    sums = [sum(proj[i][cands[s + i]] for i in range(n)) for s in range(len(cands) - n + 1)]
+    start = int(np.argmax(sums))
+    return {k: cands[start + i] for i, k in enumerate(channels)}
 
 
 def locate_series(model: HeatmapLocalizer, series: PreparedSeries, lcfg: LocalizerConfig,
-                  device: torch.device) -> list[Located]:
-    """Per keypoint channel: the slice with the highest peak and the refined (x, y) on it."""
+                  device: torch.device, task: LocalizerTask | None = None) -> list[Located]:
+    """Per keypoint channel: the slice with the highest peak and the refined (x, y) on it.
+
+    With ``lcfg.ordered_levels`` and a sagittal ``task``, each condition's levels are first
+    assigned to consecutive discs (:func:`ordered_level_cells`); the slice and the refined
+    point are then searched around the assigned disc.
+    """
     hm = heatmaps(model, series, lcfg.n_context_slices, device).numpy()
-    peaks = hm.reshape(hm.shape[0], hm.shape[1], -1).max(axis=2)  # (n, K)
-    stride = lcfg.heatmap_stride
+    stride, r = lcfg.heatmap_stride, lcfg.refine_radius
+    cells: dict[int, tuple[int, int]] = {}
+    if lcfg.ordered_levels and task is not None and task.series_description.startswith("Sagittal"):
+        for cond in dict.fromkeys(c for c, _ in task.keypoints):
+            chans = [k for k, (c, _) in enumerate(task.keypoints) if c == cond]
+            cells.update(ordered_level_cells(hm, chans, series, stride) or {})
     out = []
     for k in range(hm.shape[1]):
-        j = int(np.argmax(peaks[:, k]))
-        hx, hy, peak = soft_argmax(hm[j, k], lcfg.refine_radius)
+        if k in cells:
+            cy, cx = cells[k]
+            win = hm[:, k, max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1]
+            j = int(np.argmax(win.reshape(len(series), -1).max(axis=1)))
+            hx, hy, peak = soft_argmax(hm[j, k], r, at=(cy, cx))
+        else:
+            j = int(np.argmax(hm[:, k].reshape(len(series), -1).max(axis=1)))
+            hx, hy, peak = soft_argmax(hm[j, k], r)
         gx, gy = hx * stride + (stride - 1) / 2.0, hy * stride + (stride - 1) / 2.0
         x, y = series.to_native(j, gx, gy)
         out.append(Located(j, int(series.instance_numbers[j]), x, y, peak))
@@ -502,7 +565,7 @@ def locate_study(models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]],
         if desc not in by_desc:
             continue
         task, model = by_desc[desc]
-        for (cond, lvl), loc in zip(task.keypoints, locate_series(model, prep, lcfg, device),
+        for (cond, lvl), loc in zip(task.keypoints, locate_series(model, prep, lcfg, device, task),
                                     strict=True):
             if (cond, lvl) not in best or loc.score > best[(cond, lvl)]["score"]:
                 best[(cond, lvl)] = {
@@ -637,7 +700,7 @@ def train_one_epoch(model: HeatmapLocalizer, loader: Iterable[dict],
 def evaluate(model: HeatmapLocalizer, labelled: Sequence[SeriesLabels], task: LocalizerTask,
              lcfg: LocalizerConfig, device: torch.device) -> pd.DataFrame:
     """Locate every keypoint of the held-out series; errors per labelled keypoint."""
-    preds = [locate_series(model, lab.series, lcfg, device) for lab in labelled]
+    preds = [locate_series(model, lab.series, lcfg, device, task) for lab in labelled]
     return keypoint_errors(labelled, preds, task)
 
 
@@ -686,19 +749,26 @@ def _setup_task(cfg: Config, task: LocalizerTask, out: Path, resume: bool) -> _T
     return run
 
 
-def _save(run: _TaskRun, epoch: int, improved: bool) -> None:
+def save_localizer_checkpoint(path: Path, cfg: Config, task: LocalizerTask,
+                              model: HeatmapLocalizer, epoch: int, **extra: object) -> Path:
+    """Write a self-describing localizer checkpoint (config, task, weights) atomically."""
     from spinegrade.config import config_to_dict
 
-    base = {"config": config_to_dict(run.cfg), "epoch": epoch, "kind": "localizer",
-            "task": {"name": run.task.name, "series_description": run.task.series_description,
-                     "keypoints": [[c, lv] for c, lv in run.task.keypoints]}}
+    return save_checkpoint(path, {
+        "config": config_to_dict(cfg), "epoch": epoch, "kind": "localizer",
+        "task": {"name": task.name, "series_description": task.series_description,
+                 "keypoints": [[c, lv] for c, lv in task.keypoints]},
+        "model": model.state_dict(), **extra})
+
+
+def _save(run: _TaskRun, epoch: int, improved: bool) -> None:
     ckpts = run.out / "checkpoints"
     if improved:
-        save_checkpoint(ckpts / "best.pt", {**base, "model": run.model.state_dict(),
-                                            "score": run.best})
-    save_checkpoint(ckpts / "last.pt", {
-        **base, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
-        "rng": rng_state(), "history": run.history, "best": run.best})
+        save_localizer_checkpoint(ckpts / "best.pt", run.cfg, run.task, run.model, epoch,
+                                  score=run.best)
+    save_localizer_checkpoint(ckpts / "last.pt", run.cfg, run.task, run.model, epoch,
+                              optimizer=run.optimizer.state_dict(), rng=rng_state(),
+                              history=run.history, best=run.best)
     with atomic_path(run.out / "metrics.csv") as tmp:
         pd.DataFrame(run.history).to_csv(tmp, index=False)
 
@@ -729,9 +799,11 @@ def fit_task(cfg: Config, task: LocalizerTask, train: Sequence[SeriesLabels],
         improved = score < run.best or not val
         run.best = min(run.best, score)
         overall = summarize_errors(errors).iloc[-1] if not errors.empty else {}
-        run.history.append({"epoch": epoch, "lr": _lr(lcfg, epoch), "train_loss": loss,
-                            "val_score_mm": score, "val_median_mm": overall.get("median_mm"),
-                            "val_slice_within1": overall.get("slice_within1"),
+        # Plain Python numbers only: last.pt must load with weights_only=True.
+        run.history.append({"epoch": epoch, "lr": _lr(lcfg, epoch), "train_loss": float(loss),
+                            "val_score_mm": float(score),
+                            "val_median_mm": float(overall.get("median_mm", math.nan)),
+                            "val_slice_within1": float(overall.get("slice_within1", math.nan)),
                             "samples": len(samples), "seconds": time.perf_counter() - start})
         _save(run, epoch, improved)
         _log.info("%s epoch %d/%d: loss %.4f, held-out 3D error %.2f mm, median %.2f mm, "

@@ -124,9 +124,6 @@ class Loaders:
     generator: torch.Generator
     index: pd.DataFrame
 
-    def set_epoch(self, epoch: int) -> None:
-        """Kept for the DistributedSampler idiom; the shared generator already advances."""
-
 
 def _loader(dataset: Any, batch_size: int, cfg: Config, s: Settings, **kw: Any) -> DataLoader:
     workers = cfg.data.num_workers

@@ -94,7 +94,7 @@ def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bo
     except Exception as e:  # any missing piece: the caller falls back to CLASS_BALANCE
         _log.info("%s: training labels not available for priors (%s)", run_dir, e)
         return None
-    counts = counts.to_numpy(dtype=np.float64)
+    counts = counts.to_numpy(dtype=np.float64, copy=True)
     if counts.sum() == 0:
         return None
     # A level never seen in training borrows the condition's overall frequencies.
@@ -395,8 +395,9 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
             continue
         total = sum(r.weight for r in runs)
         prior = sum(r.weight * r.prior for r in runs) / total
-        got, reasons = _grade_condition(cond, runs, located, volumes, pcfg,
-                                        localizer.lcfg.min_score)
+        min_score = (pcfg.min_location_score if pcfg.min_location_score >= 0
+                     else localizer.lcfg.min_score)
+        got, reasons = _grade_condition(cond, runs, located, volumes, pcfg, min_score)
         for lv in range(len(LEVELS)):
             if lv in got:
                 probs[(cond, lv)], source[(cond, lv)] = got[lv], "model"

@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
 from spinegrade.config import Config, config_to_dict, save_config
-from spinegrade.constants import CLASS_NAMES, NUM_CLASSES
+from spinegrade.constants import CLASS_NAMES, LEVELS, NUM_CLASSES
 from spinegrade.data.augment import BatchAugment, mixup, to_model_input
 from spinegrade.engine import checkpoint as ckpt_io
 from spinegrade.engine import distributed as dist_util
@@ -269,7 +269,6 @@ def _run_epoch(t: Trainer, epoch: int) -> None:
         # DDP registers only parameters that require grad, so re-wrap when that set changes.
         t.ddp = _wrap_ddp(t.model, t.s)
     lrs = t.schedule.lrs(epoch, 0)
-    t.loaders.set_epoch(epoch)
     stats = train_one_epoch(t.ddp, t.loaders.train, t.optimizer, t.loss_fn, t.schedule, epoch,
                             t.s, t.augment, t.aug_gen)
     dist_util.broadcast_buffers(t.model)
@@ -422,27 +421,26 @@ def _restore(t: Trainer, ck: dict) -> None:
 
 def _finish(t: Trainer) -> dict[str, Any]:
     """SWA (BN recomputed, evaluated, saved), out-of-fold predictions, final.json, report."""
+    from spinegrade.metrics import summarize
+
     summary: dict[str, Any] = {"best_epoch": t.state.best_epoch, "best_metric": t.state.best_metric,
                                "select_metric": t.cfg.train.select_metric,
                                "epochs_run": t.state.epoch, "stopped_early": t.state.stopped}
-    final_model, final_name = t.model, "last"
-    if t.state.best_epoch:
-        final_model, final_name = _load_weights(t, "best"), "best"
     if t.swa is not None and int(t.swa.n_averaged) > 0:
         swa_model = t.swa.module
         recompute_bn(swa_model, t.loaders.bn, t.s)
         pred = evaluate(swa_model, t.loaders.val, t.loss_fn, t.s)
-        from spinegrade.metrics import summarize
-
         summary["swa"] = {**summarize(pred["label"], pred["probs"]), "val_loss": pred["loss"],
                           "n_averaged": int(t.swa.n_averaged)}
         if t.s.is_main:
             ckpt_io.save_checkpoint(t.out / "checkpoints" / "swa.pt", {
                 "config": config_to_dict(t.cfg), "epoch": t.state.epoch, "fold": t.s.fold,
                 "model": swa_model.state_dict(), "n_averaged": int(t.swa.n_averaged)})
-        final_model, final_name = swa_model, "swa"
-    pred = evaluate(final_model, t.loaders.val, t.loss_fn, t.s)
-    summary["final_checkpoint"] = final_name
+        summary["final_checkpoint"] = "swa"
+    else:
+        name = "best" if t.state.best_epoch else "last"
+        pred = evaluate(_load_weights(t, name), t.loaders.val, t.loss_fn, t.s)
+        summary["final_checkpoint"] = name
     if t.s.is_main:
         _write_oof(t, pred)
         _write_json(t.out / "final.json", summary)
@@ -465,7 +463,7 @@ def _load_weights(t: Trainer, name: str) -> nn.Module:
 def _write_oof(t: Trainer, pred: dict) -> None:
     meta = t.loaders.index.set_index("row").loc[pred["row"]]
     oof = pd.DataFrame({"row": pred["row"], "study_id": meta["study_id"].to_numpy(),
-                        "level": meta["level"].to_numpy(), "label": pred["label"]})
+                        "level": [LEVELS[i] for i in pred["level"]], "label": pred["label"]})
     for k, c in enumerate(CLASS_NAMES):
         oof[f"prob_{c}"] = pred["probs"][:, k]
     with atomic_path(t.out / "oof.csv", suffix=".csv") as tmp:

@@ -123,11 +123,12 @@ class SliceHeader:
 class Volume:
     """One stack of parallel slices of a series, in spatial order (ascending along ``normal``).
 
-    ``slices`` is empty when the stack was read without pixels (``load_pixels=False``); every
+    ``slices`` is empty when the stack was read without pixels (``load_pixels=False``), a
+    :class:`LazySlices` decoding on access with ``lazy_pixels=True``, a list otherwise; every
     other per-slice array has one row per slice in the same order.
     """
 
-    slices: list[np.ndarray]      # float32 2-D, rescaled, MONOCHROME1 inverted; shapes may differ
+    slices: Sequence[np.ndarray]  # float32 2-D, rescaled, MONOCHROME1 inverted; shapes may differ
     instance_numbers: np.ndarray  # (n,) int
     positions: np.ndarray         # (n, 3) ImagePositionPatient, mm; NaN without geometry
     normal_positions: np.ndarray  # (n,) IPP . normal, ascending; NaN without geometry
@@ -193,6 +194,18 @@ class Volume:
 
 class UnusableFileError(Exception):
     """One file cannot contribute a slice; the message is the reason listed in problems."""
+
+
+class PixelDecodeError(Exception):
+    """A slice of a lazily read Volume (``read_series(lazy_pixels=True)``) failed to decode.
+
+    Raised on first access to that slice; reading the series again without ``lazy_pixels``
+    drops the file from the stack and lists it in ``Volume.problems`` instead.
+    """
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"{path}: cannot decode pixels ({reason})")
+        self.path = path
 
 
 def _first(value: object) -> object:
@@ -319,6 +332,59 @@ def decode_pixels(ds: Dataset, header: SliceHeader) -> np.ndarray:
     return header.mapping(arr)
 
 
+def pixel_data_shortfall(ds: Dataset, header: SliceHeader) -> bool:
+    """True when an uncompressed file holds fewer PixelData bytes than its header announces.
+
+    The cheap check for a truncated file without decoding it. Compressed (encapsulated)
+    pixel data cannot be checked without decoding: False.
+    """
+    if UID(header.transfer_syntax_uid).is_compressed:
+        return False
+    data = ds.get("PixelData")
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        return True
+    bits = int(_float(ds.get("BitsAllocated"), 16.0))
+    samples = int(_float(ds.get("SamplesPerPixel"), 1.0))
+    n = header.rows * header.columns * samples
+    expected = (n * bits + 7) // 8
+    return len(data) < expected
+
+
+class LazySlices(Sequence):
+    """The slices of a Volume, each decoded from its already-read dataset on first access.
+
+    ``read_series(lazy_pixels=True)`` returns one: a crop that needs 7 of 17 slices decodes
+    only those 7. A slice that fails to decode raises :class:`PixelDecodeError`.
+    """
+
+    def __init__(self, headers: Sequence[SliceHeader], datasets: dict[Path, Dataset]) -> None:
+        self._headers = list(headers)
+        self._datasets = {h.path: datasets[h.path] for h in self._headers}
+        self._decoded: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self._headers)
+
+    def __getitem__(self, j):  # type: ignore[override]
+        if isinstance(j, slice):
+            return [self[i] for i in range(*j.indices(len(self)))]
+        j = int(j)
+        if j < 0:
+            j += len(self)
+        if j not in self._decoded:
+            h = self._headers[j]  # IndexError past the end, as for a list
+            try:
+                self._decoded[j] = decode_pixels(self._datasets.pop(h.path), h)
+            except Exception as e:  # a decoder may raise anything on damaged data
+                raise PixelDecodeError(h.path, f"{type(e).__name__}: {e}") from e
+        return self._decoded[j]
+
+    @property
+    def n_decoded(self) -> int:
+        """How many slices have been decoded so far."""
+        return len(self._decoded)
+
+
 def read_pixels(path: str | Path) -> np.ndarray:
     """All frames of one file as float32 values (rescaled, MONOCHROME1 inverted).
 
@@ -423,7 +489,8 @@ def _stack_problems(where: str, headers: Sequence[SliceHeader], normal: np.ndarr
 
 
 def _build_volume(series_dir: Path, headers: Sequence[SliceHeader],
-                  slices: dict[Path, np.ndarray] | None, problems: list[Problem]) -> Volume:
+                  slices: dict[Path, np.ndarray] | LazySlices | None,
+                  problems: list[Problem]) -> Volume:
     """Order one stack spatially and gather its per-slice metadata into a Volume."""
     orientation = _reference_orientation(headers)
     normal = geometry.slice_normal(orientation)
@@ -439,8 +506,12 @@ def _build_volume(series_dir: Path, headers: Sequence[SliceHeader],
     normal_positions = normal_positions[order]
     syntaxes = Counter(h.transfer_syntax_uid for h in ordered)
     main_syntax = syntaxes.most_common(1)[0][0]
+    if isinstance(slices, LazySlices):
+        ordered_slices: Sequence[np.ndarray] = LazySlices(ordered, slices._datasets)
+    else:
+        ordered_slices = [slices[h.path] for h in ordered] if slices is not None else []
     return Volume(
-        slices=[slices[h.path] for h in ordered] if slices is not None else [],
+        slices=ordered_slices,  # type: ignore[arg-type]
         instance_numbers=inst[order],
         positions=positions[order],
         normal_positions=normal_positions,
@@ -473,6 +544,22 @@ def _decode_stack(headers: Sequence[SliceHeader], datasets: dict[Path, Dataset],
             continue
         kept.append(h)
     return kept, slices
+
+
+def _check_stack(headers: Sequence[SliceHeader], datasets: dict[Path, Dataset],
+                 problems: list[Problem]) -> tuple[list[SliceHeader], LazySlices]:
+    """Keep decoding for later; drop only the slices a cheap check shows to be broken.
+
+    An uncompressed file with too few PixelData bytes is decoded now, so it is dropped and
+    reported with the same reason as by an eager read.
+    """
+    suspect = [h for h in headers if pixel_data_shortfall(datasets[h.path], h)]
+    dropped = set()
+    if suspect:
+        kept, _ = _decode_stack(suspect, datasets, problems)
+        dropped = {h.path for h in suspect} - {h.path for h in kept}
+    headers = [h for h in headers if h.path not in dropped]
+    return headers, LazySlices(headers, datasets)
 
 
 def _scan(series_dir: str | Path, load_pixels: bool
@@ -538,7 +625,7 @@ def _choose(stacks: list[list[SliceHeader]], wanted: Sequence[int] | None) -> in
 
 
 def read_series(series_dir: str | Path, instance_numbers: Sequence[int] | None = None, *,
-                load_pixels: bool = True) -> Volume:
+                load_pixels: bool = True, lazy_pixels: bool = False) -> Volume:
     """The stack of a series folder that the labels refer to, in spatial order.
 
     Args:
@@ -547,6 +634,11 @@ def read_series(series_dir: str | Path, instance_numbers: Sequence[int] | None =
             holding most of them is chosen. ``None``: the largest stack.
         load_pixels: decode the pixels of the chosen stack (each file is read once); ``False``
             reads headers only.
+        lazy_pixels: with ``load_pixels``, read every file once but decode a slice only when
+            ``Volume.slices[j]`` is first accessed (:class:`LazySlices`). Truncated
+            uncompressed files are still found (PixelData shorter than the header says) and
+            dropped as in an eager read; a compressed file that fails to decode raises
+            :class:`PixelDecodeError` on access instead (read again eagerly to drop it).
 
     Returns:
         The chosen stack. Its ``problems`` list skipped files, inconsistencies, the stacks not
@@ -561,8 +653,11 @@ def read_series(series_dir: str | Path, instance_numbers: Sequence[int] | None =
     if len(stacks) > 1:
         problems.append((str(folder), f"{_stacks_note(stacks)}; read "
                                       f"{_stack_label(headers)} ({len(headers)} slices)"))
-    slices = None
-    if load_pixels:
+    slices: dict[Path, np.ndarray] | LazySlices | None = None
+    if load_pixels and lazy_pixels:
+        headers, slices = _check_stack(headers, datasets, problems)
+        _raise_if_empty(folder, headers, problems)
+    elif load_pixels:
         headers, slices = _decode_stack(headers, datasets, problems)
         _raise_if_empty(folder, headers, problems)
     if instance_numbers is not None:

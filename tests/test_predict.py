@@ -1,0 +1,148 @@
+"""``spinegrade predict``: priors, parsing, and the whole path on synthetic DICOM studies."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from spinegrade.config import config_to_dict, load_config, save_config
+from spinegrade.constants import CLASS_BALANCE, CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
+from spinegrade.engine import predict as P
+from spinegrade.engine.checkpoint import save_checkpoint
+
+TINY_LOCALIZER = ["localizer.img_size=64", "localizer.heatmap_stride=4",
+                  "localizer.decoder_channels=8", "localizer.max_stride=16",
+                  "localizer.min_score=0.0"]
+TINY_CLASSIFIER = ["model.backbone=resnet10t", "model.level_embed_dim=8", "eval.tta=true"]
+
+
+def make_localizer_run(out: Path) -> Path:
+    """An untrained localizer run (every task), min_score 0 so every level is 'located'."""
+    from spinegrade.engine import localizer as L
+
+    cfg = load_config("localizer", TINY_LOCALIZER)
+    save_config(cfg, out)
+    torch.manual_seed(0)
+    for desc in cfg.localizer.series:
+        task = L.make_task(desc)
+        model = L.build_localizer(cfg.localizer, task, for_inference=True)
+        L.save_localizer_checkpoint(out / task.name / "checkpoints" / "best.pt", cfg, task,
+                                    model, epoch=0)
+    return out
+
+
+def make_classifier_run(out: Path, condition: str = "spinal_canal_stenosis",
+                        extra: tuple[str, ...] = ()) -> Path:
+    """A tiny random classifier run folder written through the checkpoint API."""
+    from spinegrade.models import build_model
+
+    cfg = load_config("demo", [*TINY_CLASSIFIER, f"data.condition={condition}", *extra])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, n_slices=cfg.data.n_slices)
+    save_config(cfg, out)
+    save_checkpoint(out / "checkpoints" / "best.pt",
+                    {"config": config_to_dict(cfg), "epoch": 1, "fold": 0,
+                     "model": model.state_dict()})
+    return out
+
+
+def test_parse_classifier_spec(tmp_path):
+    assert P.parse_classifier_spec(str(tmp_path)) == (tmp_path, 1.0)
+    assert P.parse_classifier_spec(f"{tmp_path}:0.7") == (tmp_path, 0.7)
+    with pytest.raises(P.UserError):
+        P.parse_classifier_spec(str(tmp_path / "missing"))
+
+
+def test_priors_are_distributions_and_reweighted():
+    plain = P.default_prior("spinal_canal_stenosis", reweight=False)
+    assert plain.shape == (len(LEVELS), 3)
+    np.testing.assert_allclose(plain[0], np.array(CLASS_BALANCE["spinal_canal_stenosis"])
+                               / sum(CLASS_BALANCE["spinal_canal_stenosis"]), atol=1e-6)
+    rew = P.prior_probs(np.array([8.0, 1.0, 1.0]), reweight=True)
+    np.testing.assert_allclose(rew, np.array([8.0, 2.0, 4.0]) / 14.0)
+
+
+def test_series_type_from_dicom_descriptions():
+    assert P.series_type("Sagittal T2/STIR") == "Sagittal T2/STIR"
+    assert P.series_type("SAG STIR") == "Sagittal T2/STIR"
+    assert P.series_type("t1_tse_sag") == "Sagittal T1"
+    assert P.series_type("anything", "AX") == "Axial T2"
+    assert P.series_type("localizer") is None
+
+
+def test_submission_rows_cover_25_cells_and_sum_to_one():
+    probs = {(c, lv): np.array([2.0, 1.0, 1.0]) for c in CONDITIONS for lv in range(5)}
+    res = P.StudyResult("42", probs, {k: "model" for k in probs}, pd.DataFrame(), {})
+    rows = pd.DataFrame(P.submission_rows(res))
+    assert list(rows.columns) == list(SUBMISSION_COLUMNS) and len(rows) == 25
+    assert rows.iloc[0]["row_id"] == row_id(42, CONDITIONS[0], LEVELS[0])
+    np.testing.assert_allclose(rows[list(SUBMISSION_COLUMNS[1:])].sum(axis=1), 1.0)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    return {"localizer": make_localizer_run(root / "loc"),
+            "spinal": make_classifier_run(root / "spinal"),
+            # Same condition, other crop size: each run must crop with its own data config.
+            "spinal48": make_classifier_run(root / "spinal48", extra=("data.img_size=48",))}
+
+
+@pytest.mark.slow
+def test_predict_dataset_with_broken_studies(synth_dir, runs, tmp_path):
+    from spinegrade.metrics import competition_score
+
+    data = tmp_path / "data"
+    shutil.copytree(synth_dir / "test_images", data / "test_images")
+    shutil.copy(synth_dir / "test_series_descriptions.csv", data)
+    desc = pd.read_csv(data / "test_series_descriptions.csv")
+    studies = sorted(desc["study_id"].unique())
+    assert len(studies) >= 2
+    # Study 0 loses its Sagittal T2/STIR folder; study 1's Sagittal T1 files become garbage.
+    s0 = desc[(desc.study_id == studies[0]) & (desc.series_description == "Sagittal T2/STIR")]
+    shutil.rmtree(data / "test_images" / str(studies[0]) / str(s0.series_id.iloc[0]))
+    s1 = desc[(desc.study_id == studies[1]) & (desc.series_description == "Sagittal T1")]
+    for f in (data / "test_images" / str(studies[1]) / str(s1.series_id.iloc[0])).iterdir():
+        f.write_bytes(b"not a dicom file")
+
+    cfg = load_config("v8", ["predict.tta=false"])
+    out = P.predict([str(runs["spinal"]), f"{runs['spinal48']}:0.5"], runs["localizer"],
+                    tmp_path / "sub" / "submission.csv", cfg.predict, data_dir=data,
+                    progress=False)
+    sub = pd.read_csv(tmp_path / "sub" / "submission.csv")
+    assert len(sub) == 25 * len(studies) and sub["row_id"].is_unique
+    np.testing.assert_allclose(sub[list(SUBMISSION_COLUMNS[1:])].sum(axis=1), 1.0, atol=1e-5)
+    problems = pd.read_csv(tmp_path / "sub" / "problems.csv")
+    assert {"missing_series", "unreadable_series"} <= set(problems["kind"])
+    by_study = {r.study_id: r for r in out.results}
+    broken = by_study[str(studies[0])]
+    assert all(broken.source[("spinal_canal_stenosis", lv)].startswith("prior")
+               for lv in range(5))
+    healthy = by_study[str(studies[-1])] if len(studies) > 2 else by_study[str(studies[1])]
+    assert healthy.source[("spinal_canal_stenosis", 0)] == "model"
+    assert healthy.source[("left_subarticular_stenosis", 0)] == "prior: no classifier"
+    assert (tmp_path / "sub" / "submission_figures" / f"{studies[-1]}.png").is_file()
+    assert (tmp_path / "sub" / "studies.csv").is_file()
+    solution = pd.read_csv(synth_dir / "solution.csv")
+    score = competition_score(solution, sub)
+    assert np.isfinite(score["score"])
+
+
+@pytest.mark.slow
+def test_predict_one_study_folder_prints_grades(synth_dir, runs, tmp_path, capsys):
+    from spinegrade.cli import main
+
+    study = sorted((synth_dir / "test_images").iterdir())[0]
+    out = tmp_path / "one.csv"
+    assert main(["predict", "--study", str(study), "--classifier", str(runs["spinal"]),
+                 "--localizer", str(runs["localizer"]), "--out", str(out), "--no-progress",
+                 "--set", "predict.tta=false"]) == 0
+    printed = capsys.readouterr().out
+    assert "level" in printed and "grade" in printed and "l5_s1" in printed
+    sub = pd.read_csv(out)
+    assert len(sub) == 25 and sub["row_id"].str.startswith(study.name).all()
