@@ -409,3 +409,23 @@ def test_prior_submission_is_the_column_frequency():
     np.testing.assert_allclose(l4_l5, counts / counts.sum())
     re = metrics.prior_submission(train, study_ids=[1], reweight=True)
     np.testing.assert_allclose(re[PROBS].sum(axis=1), 1.0)
+
+
+def test_condition_score_on_one_condition_matches_hand_computation():
+    from spinegrade.metrics import condition_score
+
+    # Two studies, two spinal levels each; study 1 has a Severe level, study 2 does not.
+    studies = [1, 1, 2, 2]
+    levels = ["l1_l2", "l2_l3", "l1_l2", "l2_l3"]
+    labels = [0, 2, 0, 1]
+    probs = np.array([[0.8, 0.1, 0.1], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1], [0.3, 0.6, 0.1]])
+    w = np.array([1.0, 4.0, 1.0, 2.0])
+    spinal = -(w * np.log([0.8, 0.5, 0.6, 0.6])).sum() / w.sum()
+    # any severe: study 1 label 1, p = max(0.1, 0.5), weight 4; study 2 label 0, p = 0.1,
+    # weight 2 (its largest spinal sample weight).
+    any_severe = -(4 * math.log(0.5) + 2 * math.log(0.9)) / 6
+    result = condition_score(studies, levels, labels, probs, "spinal_canal_stenosis")
+    assert result["spinal"] == pytest.approx(spinal, abs=1e-12)
+    assert result["any_severe_spinal"] == pytest.approx(any_severe, abs=1e-12)
+    assert math.isnan(result["foraminal"]) and math.isnan(result["subarticular"])
+    assert result["score"] == pytest.approx((spinal + any_severe) / 2, abs=1e-12)

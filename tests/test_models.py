@@ -328,3 +328,18 @@ def test_channels_last_and_grad_checkpointing_match_the_plain_forward():
     model(batch["image"], batch["level"])["logits"].sum().backward()
     with pytest.raises(TypeError, match="float"):
         model((batch["image"] * 255).to(torch.uint8), batch["level"])
+
+
+@pytest.mark.parametrize("name", ["mobilenetv3_small_050", "test_efficientnet", "resnet10t"])
+def test_feature_size_matches_backbone_output(name):
+    """Pre-logits heads (MobileNetV3) change the pooled size; the net must follow the output."""
+    from spinegrade.models.backbone import backbone_feature_dim
+
+    backbone = timm.create_model(name, pretrained=False, num_classes=0)
+    with torch.no_grad():
+        out = backbone.eval()(torch.zeros(1, 3, 32, 32))
+    assert backbone_feature_dim(backbone) == out.shape[1]
+    cfg = load_config("v8", [f"model.backbone={name}", "model.pretrained=false"])
+    model = build_model(cfg.model, n_slices=3)
+    logits = model(torch.rand(2, 3, 3, 32, 32), torch.tensor([0, 4]))["logits"]
+    assert logits.shape == (2, 3)

@@ -464,6 +464,35 @@ def solution_from_train(train: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+def condition_score(study_ids: Sequence[int], levels: Sequence[str], labels: Sequence[int],
+                    probs: np.ndarray, condition: str) -> dict:
+    """The competition score restricted to one condition's predictions (e.g. out-of-fold).
+
+    Builds the solution and submission frames for ``condition`` only, so the parts of the
+    other groups are NaN and ``score`` averages the parts present (for spinal canal
+    stenosis: the spinal loss and the any-severe-spinal loss).
+
+    Args:
+        study_ids, levels, labels: one entry per sample (``levels`` as ``l1_l2`` ...).
+        probs: ``(N, 3)`` predicted probabilities.
+        condition: a name from ``CONDITIONS``.
+    """
+    y = np.asarray(labels, dtype=int)
+    ids = [row_id(s, condition, lv) for s, lv in zip(study_ids, levels, strict=True)]
+    solution = pd.DataFrame(np.eye(NUM_CLASSES)[y], columns=list(PROB_COLUMNS))
+    solution.insert(0, ROW_ID, ids)
+    solution[SOLUTION_WEIGHT_COLUMN] = np.asarray(CLASS_WEIGHTS)[y]
+    submission = pd.DataFrame(np.asarray(probs, dtype=float), columns=list(PROB_COLUMNS))
+    submission.insert(0, ROW_ID, ids)
+    # The other groups are absent by design: silence the "nothing to score" warning.
+    previous = log.level
+    log.setLevel(logging.ERROR)
+    try:
+        return competition_score(solution, submission)
+    finally:
+        log.setLevel(previous)
+
+
 def submission_row_ids(study_ids: Iterable[int | str]) -> list[str]:
     """The 25 row ids of each study, in study, condition, level order."""
     return [row_id(s, c, lv) for s in study_ids for c in CONDITIONS for lv in LEVELS]

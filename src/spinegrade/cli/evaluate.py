@@ -39,4 +39,7 @@ def run(args: argparse.Namespace) -> int:
           f"{m['n_samples']} samples, BA {ba if ba is None else f'{ba:.4f}'}, recall {recall}, "
           f"weighted log loss {m['weighted_logloss']:.4f}")
     print(f"confusion (rows true): {m['confusion_matrix']}")
+    parts = ", ".join(f"{k} {v:.4f}" for k, v in m["competition"].items()
+                      if isinstance(v, float) and k != "score")
+    print(f"competition metric on these predictions ({parts}): score {m['competition_score']:.4f}")
     return 0

@@ -83,6 +83,23 @@ def cache_key(data_cfg: DataConfig) -> str:
     return f"{data_cfg.condition}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
+def check_cache_matches(data_cfg: DataConfig, cached: dict) -> None:
+    """Raise ``UserError`` when a cache was made with other pixel settings than ``data_cfg``.
+
+    Only keys the cache recorded are compared, so caches written by ``CropCache.create``
+    with a partial config are accepted.
+    """
+    want = pixel_config(data_cfg)
+    have = {k: v for k, v in json.loads(json.dumps(cached)).items() if k in want}
+    diffs = [f"data.{k}: cache has {have[k]!r}, config has {want[k]!r}"
+             for k in sorted(have) if have[k] != want[k]]
+    if diffs:
+        raise UserError(
+            "the crop cache was prepared with other settings than this config:\n  "
+            + "\n  ".join(diffs)
+            + "\nRun 'spinegrade prepare' with this config, or pass the cache's values with --set.")
+
+
 def data_config_from_dict(d: dict) -> DataConfig:
     """A DataConfig from a stored dict, ignoring keys this version does not know."""
     known = {f.name for f in dataclasses.fields(DataConfig)}

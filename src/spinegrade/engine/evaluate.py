@@ -77,6 +77,9 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
     s = Settings.from_config(cfg, ck.get("fold"))
     seed_everything(cfg.train.seed, s.deterministic)
     data, rows, what = _rows_to_score(run, cache, s.fold)
+    from spinegrade.data.cache import check_cache_matches
+
+    check_cache_matches(cfg.data, data.data_cfg)
     model, loss_fn = make_run_model(cfg, data, s, for_inference=True)
     model.load_state_dict(ck["model"])
     from spinegrade.data.dataset import CropDataset
@@ -87,6 +90,8 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
     views = tta_views(cfg.eval.tta_brightness, cfg.eval.tta_scales) if tta else tta_views()
     pred = evaluate(model, loader, loss_fn, s, views)
     metrics = _metrics(pred, checkpoint, tta, len(views), what, int(ck["epoch"]))
+    metrics["competition"] = _competition(pred, data.index, cfg.data.condition)
+    metrics["competition_score"] = metrics["competition"]["score"]
     if s.is_main:
         _write(Path(out_dir) if out_dir else run / "eval", metrics, pred, data.index)
     return metrics
@@ -100,6 +105,16 @@ def _metrics(pred: dict, checkpoint: str, tta: bool, n_views: int, what: str, ep
     m.update(val_loss=pred["loss"], checkpoint=checkpoint, checkpoint_epoch=epoch, tta=tta,
              tta_views=n_views, scored=what)
     return m
+
+
+def _competition(pred: dict, index: pd.DataFrame, condition: str) -> dict:
+    """Competition-metric parts of this condition's predictions (other groups are NaN)."""
+    from spinegrade.metrics import condition_score
+
+    study = index.set_index("row").loc[pred["row"], "study_id"].to_numpy()
+    levels = [LEVELS[i] for i in pred["level"]]
+    result = condition_score(study, levels, pred["label"], pred["probs"], condition)
+    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in result.items()}
 
 
 def _write(out: Path, metrics: dict, pred: dict, index: pd.DataFrame) -> None:

@@ -213,9 +213,10 @@ def _setup(cfg: Config, cache: Any, out: Path, fold: int, resume: bool) -> Train
     if not s.is_main:  # one voice: the other processes only report errors
         logging.getLogger("spinegrade").setLevel(logging.ERROR)
     seed_everything(cfg.train.seed, s.deterministic)
-    from spinegrade.data.cache import CropCache
+    from spinegrade.data.cache import CropCache, check_cache_matches
 
     cache = CropCache.open(cache) if isinstance(cache, str | Path) else cache
+    check_cache_matches(cfg.data, cache.data_cfg)
     split = _load_or_make_split(cfg, cache, out, resume, s)
     train_rows, val_rows = rows_for_fold(cache.index, split, fold)
     if s.is_main:

@@ -67,6 +67,15 @@ def normalization_stats(model: nn.Module, in_chans: int) -> tuple[tuple[float, .
     return mean, std
 
 
+def backbone_feature_dim(model: nn.Module) -> int:
+    """Size of the pooled features a ``num_classes=0`` timm model returns.
+
+    Models with a pre-logits head (MobileNetV3, LCNet) return ``head_hidden_size`` features,
+    not ``num_features`` (the last stage's channels).
+    """
+    return int(getattr(model, "head_hidden_size", None) or model.num_features)
+
+
 def _check_name(name: str) -> None:
     if timm.is_model(name):
         return

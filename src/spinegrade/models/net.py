@@ -18,7 +18,7 @@ from torch import nn
 
 from spinegrade.constants import NUM_CLASSES, NUM_LEVELS
 from spinegrade.models.aggregators import SliceAggregator, create_aggregator
-from spinegrade.models.backbone import BackboneWeights, Normalize
+from spinegrade.models.backbone import BackboneWeights, Normalize, backbone_feature_dim
 from spinegrade.models.conditioning import LevelEmbedding, LevelFiLM
 from spinegrade.models.heads import ClassifierHead, CoralHead
 
@@ -86,7 +86,7 @@ class SpineGrader(nn.Module):
         self.n_slices, self.num_classes, self.input_mode = n_slices, num_classes, input_mode
         self.slice_channel, self.head_type = slice_channel, head
         self.backbone_weights = backbone_weights
-        self.num_features = int(backbone.num_features)
+        self.num_features = backbone_feature_dim(backbone)
         self._backbone_trainable = True
 
         self.normalize = Normalize(tuple(mean), tuple(std))
