@@ -55,7 +55,7 @@ def test_plan_applies_preset_overrides_and_one_factor(tmp_path):
     v4 = [r for r in runs if r.label == "v4"]
     assert [r.cfg.data.fold for r in v4] == [0, 1]
     assert all(r.cfg.train.epochs == 3 for r in runs)  # --set wins over the preset
-    assert all(r.cfg.model.backbone == "mobilenetv3_small_050" for r in runs)  # preset
+    assert all(r.cfg.model.backbone == "test_efficientnet" for r in runs)  # preset
     swa_off = next(r for r in runs if r.label == "v8:swa=off")
     assert swa_off.cfg.train.swa is False
     assert len({r.run_dir for r in runs}) == len(runs)
