@@ -515,8 +515,8 @@ def locate_series(model: HeatmapLocalizer, series: PreparedSeries, lcfg: Localiz
     """Per keypoint channel: the slice with the highest peak and the refined (x, y) on it.
 
     With ``lcfg.ordered_levels`` and a sagittal ``task``, each condition's levels are first
-    assigned to consecutive discs (:func:`ordered_level_cells`); the slice and the refined
-    point are then searched around the assigned disc.
+    assigned to consecutive discs (:func:`ordered_level_cells`); (x, y) is then refined
+    around the assigned disc on the channel's best slice.
     """
     hm = heatmaps(model, series, lcfg.n_context_slices, device).numpy()
     stride, r = lcfg.heatmap_stride, lcfg.refine_radius
@@ -527,14 +527,10 @@ def locate_series(model: HeatmapLocalizer, series: PreparedSeries, lcfg: Localiz
             cells.update(ordered_level_cells(hm, chans, series, stride) or {})
     out = []
     for k in range(hm.shape[1]):
-        if k in cells:
-            cy, cx = cells[k]
-            win = hm[:, k, max(0, cy - r):cy + r + 1, max(0, cx - r):cx + r + 1]
-            j = int(np.argmax(win.reshape(len(series), -1).max(axis=1)))
-            hx, hy, peak = soft_argmax(hm[j, k], r, at=(cy, cx))
-        else:
-            j = int(np.argmax(hm[:, k].reshape(len(series), -1).max(axis=1)))
-            hx, hy, peak = soft_argmax(hm[j, k], r)
+        # The slice is where the channel peaks: even a channel that confuses neighbouring
+        # discs peaks on the right slice (the mid-sagittal one, or its side's foramina).
+        j = int(np.argmax(hm[:, k].reshape(len(series), -1).max(axis=1)))
+        hx, hy, peak = soft_argmax(hm[j, k], r, at=cells.get(k))
         gx, gy = hx * stride + (stride - 1) / 2.0, hy * stride + (stride - 1) / 2.0
         x, y = series.to_native(j, gx, gy)
         out.append(Located(j, int(series.instance_numbers[j]), x, y, peak))

@@ -243,7 +243,8 @@ def studies_from_dataset(data_dir: Path, split: str = "test") -> list[StudyInput
     for r in df.itertuples():
         st = studies.setdefault(r.study_id, StudyInput(r.study_id))
         if isinstance(r.series_id, str) and r.series_id:
-            st.series.append((r.series_id, str(r.series_description),
+            desc = str(r.series_description)
+            st.series.append((r.series_id, series_type(desc) or desc,
                               images / r.study_id / r.series_id))
     return list(studies.values())
 
