@@ -25,7 +25,7 @@ table{border-collapse:collapse;font-size:13px;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.l{text-align:left}
 .figs{display:flex;flex-wrap:wrap;gap:10px}.figs img{max-width:540px;border:1px solid #eee}
-.alarm{color:#b00020;font-weight:bold}
+.alarm{color:#b00020;font-weight:bold}.scroll{overflow-x:auto}
 """
 
 
@@ -48,7 +48,7 @@ def _table(df: pd.DataFrame, status_col: str | None = None) -> str:
             for v in r.values
         )
         rows.append(f"<tr{style}>{cells}</tr>")
-    return f"<table><tr>{head}</tr>{''.join(rows)}</table>"
+    return f'<div class="scroll"><table><tr>{head}</tr>{"".join(rows)}</table></div>'
 
 
 def _read_json(path: Path):

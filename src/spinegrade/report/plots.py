@@ -131,7 +131,7 @@ def plot_per_level_recall(per_level: dict[str, dict[str, float]], path: str | Pa
     ax.set_xticks(range(len(levels)), levels)
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("recall")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path)
 
