@@ -224,6 +224,9 @@ class PredictConfig:
     # Peak score under which a level counts as not located; < 0: the localizer run's
     # localizer.min_score.
     min_location_score: float = -1.0
+    # Weight of the prior mixed into every model prediction: bounds the log loss of a
+    # confident miss (e.g. a crop on the wrong disc); 0 keeps the model's output.
+    prior_mix: float = 0.0
     device: str = "auto"
     figures: bool = True
 

@@ -401,7 +401,8 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
         got, reasons = _grade_condition(cond, runs, located, volumes, pcfg, min_score)
         for lv in range(len(LEVELS)):
             if lv in got:
-                probs[(cond, lv)], source[(cond, lv)] = got[lv], "model"
+                mixed = (1.0 - pcfg.prior_mix) * got[lv] + pcfg.prior_mix * prior[lv]
+                probs[(cond, lv)], source[(cond, lv)] = mixed, "model"
                 continue
             probs[(cond, lv)], source[(cond, lv)] = prior[lv], f"prior: {reasons[lv]}"
             problems.append(Problem(_int(st.study_id), -1, "", -1, "prior_used", "warning",
