@@ -146,3 +146,4 @@ def test_predict_one_study_folder_prints_grades(synth_dir, runs, tmp_path, capsy
     assert "level" in printed and "grade" in printed and "l5_s1" in printed
     sub = pd.read_csv(out)
     assert len(sub) == 25 and sub["row_id"].str.startswith(study.name).all()
+    assert load_config(tmp_path / "one_config.yaml").predict.tta is False

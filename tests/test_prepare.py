@@ -16,7 +16,7 @@ import pytest
 
 from dicom_fixtures import write_broken_file, write_series
 from spinegrade.cli import main
-from spinegrade.config import DataConfig
+from spinegrade.config import DataConfig, load_config
 from spinegrade.constants import LEVEL_TITLES, SEVERITIES, TRAIN_COLUMNS, train_column
 from spinegrade.data.cache import CropCache, crops_from_dicom, prepare
 from spinegrade.data.preprocess import CropRequest
@@ -118,6 +118,8 @@ def test_rerun_reuses_and_setting_change_makes_new_cache(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "samples: 10" in out and "cache: " in out
     first = CropCache.open(next((tmp_path / "cache").iterdir()))
+    saved = load_config(first.path / "config.yaml")  # the resolved config is kept with the cache
+    assert (saved.name, saved.data.img_size) == ("demo", 24)
     mtime = (first.path / "crops.npy").stat().st_mtime_ns
     assert main(args) == 0  # complete: reused as is
     assert (first.path / "crops.npy").stat().st_mtime_ns == mtime

@@ -53,9 +53,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from spinegrade.config import load_config
+    from spinegrade.config import config_to_yaml, load_config
     from spinegrade.engine.predict import grade_table, predict
     from spinegrade.errors import UserError
+    from spinegrade.io.atomic import atomic_write_text
 
     if (args.data_dir is None) == (args.study is None):
         raise UserError("give either DATA_DIR or --study DIR (not both)")
@@ -63,6 +64,9 @@ def run(args: argparse.Namespace) -> int:
     out = args.out or (f"{Path(args.study).name}_submission.csv" if args.study else "submission.csv")
     result = predict(args.classifier, args.localizer, out, cfg.predict, data_dir=args.data_dir,
                      study_dir=args.study, split=args.split, progress=not args.no_progress)
+    # The resolved config beside the submission (named after it: never a user's config.yaml).
+    out_path = Path(out)
+    atomic_write_text(out_path.with_name(f"{out_path.stem}_config.yaml"), config_to_yaml(cfg))
     if args.study:
         res = result.results[0]
         print(f"study {res.study_id} ({res.seconds:.1f} s):")

@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinegrade.config import load_config
+    from spinegrade.config import load_config, save_config
     from spinegrade.data.cache import prepare, summarize
 
     overrides = list(args.overrides)
@@ -51,5 +51,6 @@ def run(args: argparse.Namespace) -> int:
     workers = args.workers if args.workers is not None else max(1, cfg.data.num_workers)
     cache_dir = prepare(args.data_dir, args.out, cfg.data, workers=max(1, workers),
                         progress=not args.no_progress)
+    save_config(cfg, cache_dir)  # the resolved config beside meta.json, as in every output
     print(summarize(cache_dir))
     return 0
