@@ -92,3 +92,23 @@ def test_fit_stops_when_a_class_stays_dead(tmp_path):
     assert metrics["epoch"].tolist() == [1, 2]
     assert summary["stopped_early"]
     assert metrics["dead_class_action"].tolist()[-1] == "stop"
+
+
+def test_class_absent_from_validation_is_not_an_alarm():
+    """A class with no validation samples has NaN recall: reported n/a, never min()'d in."""
+    from spinegrade.config import EvalConfig
+    from spinegrade.engine.monitor import health_table
+
+    row = dict(epoch=5, balanced_accuracy=0.8, recall_normal_mild=0.8,
+               recall_moderate=float("nan"), recall_severe=0.6, train_loss=0.5, val_loss=0.52,
+               pred_count_normal_mild=10, pred_count_moderate=0, pred_count_severe=3)
+    items = {i["item"]: i for i in health_table([row], EvalConfig())}
+    assert items["min class recall"]["value"] == 0.6
+    assert items["min class recall"]["status"] == "pass"
+    assert items["Moderate & Severe recall (min)"]["value"] == 0.6
+    assert items["Moderate & Severe recall (min)"]["status"] == "pass"  # 0.6 > 50%
+    # Every class absent: nothing to judge.
+    empty = dict(row, recall_normal_mild=float("nan"), recall_severe=float("nan"))
+    items = {i["item"]: i for i in health_table([empty], EvalConfig())}
+    assert items["min class recall"]["status"] == "n/a"
+    assert items["Normal/Mild recall"]["status"] == "n/a"

@@ -59,3 +59,25 @@ def test_sigkill_after_epoch_2_then_resume_equals_uninterrupted(tmp_path):
     pd.testing.assert_frame_equal(ma, mb)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full/oof.csv"),
                                   pd.read_csv(tmp_path / "resumed/oof.csv"))
+
+
+def test_loader_workers_do_not_draw_from_the_sampler_generator(tmp_path):
+    """Starting worker processes must not consume the shuffle generator (a resumed run
+    restarts its workers, so any draw there would change the resumed shuffle order)."""
+    import numpy as np
+    import torch
+
+    from engine_fixtures import tiny_config
+    from spinegrade.engine.loop import Settings, build_loaders
+
+    cache = make_cache(tmp_path / "cache", n_studies=4)
+    cfg = tiny_config("data.num_workers=1")
+    rows = cache.index["row"].to_numpy()
+    loaders = build_loaders(cfg, cache, rows[:16], rows[16:], Settings.from_config(cfg, 0))
+    expected = torch.Generator()
+    expected.set_state(loaders.generator.get_state())
+    for _ in range(2):  # two epochs; the workers start once and persist
+        seen = np.concatenate([b["row"].numpy() for b in loaders.train])
+        order = torch.randperm(16, generator=expected).tolist()
+        assert seen.tolist() == rows[:16][order].tolist()
+    assert torch.equal(expected.get_state(), loaders.generator.get_state())

@@ -215,9 +215,10 @@ class PredictConfig:
     tta: bool = True
     # Levels that cannot be located, and conditions without a classifier, get the priors.
     fallback: str = "prior"
-    # Classifier checkpoint to use from each run folder (best | last | swa; falls back to
-    # the others in that order when absent).
-    checkpoint: str = "best"
+    # Classifier checkpoint to use from each run folder: final (the one final.json names:
+    # SWA when it ran, the model the out-of-fold scores describe) | best | last | swa;
+    # falls back to the others when absent.
+    checkpoint: str = "final"
     # Priors times CLASS_WEIGHTS [1, 2, 4], renormalised: the constant that minimises the
     # competition's weighted log loss (and what a class-weighted classifier outputs).
     prior_reweight: bool = True
@@ -262,9 +263,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.bias_init": ("fixed", "log_prior", "zero"),
     "loss.name": ("weighted_ce", "coral_ce", "focal_ordinal"),
     "train.sampler": ("shuffle", "weighted"),
+    "train.select_metric": ("balanced_accuracy", "weighted_logloss", "val_loss"),
     "train.dead_class_action": ("warn", "reset_bias", "stop"),
     "predict.fallback": ("prior",),
-    "predict.checkpoint": ("best", "last", "swa"),
+    "predict.checkpoint": ("final", "best", "last", "swa"),
 }
 
 # --- loading ---------------------------------------------------------------------------------

@@ -77,9 +77,6 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
     s = Settings.from_config(cfg, ck.get("fold"))
     seed_everything(cfg.train.seed, s.deterministic)
     data, rows, what = _rows_to_score(run, cache, s.fold)
-    from spinegrade.data.cache import check_cache_matches
-
-    check_cache_matches(cfg.data, data.data_cfg)
     model, loss_fn = make_run_model(cfg, data, s, for_inference=True)
     model.load_state_dict(ck["model"])
     from spinegrade.data.dataset import CropDataset

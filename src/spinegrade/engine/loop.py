@@ -127,9 +127,12 @@ class Loaders:
 
 def _loader(dataset: Any, batch_size: int, cfg: Config, s: Settings, **kw: Any) -> DataLoader:
     workers = cfg.data.num_workers
+    # Each loader draws its workers' base seed from a generator of its own: drawing it from
+    # the sampler's generator or the global RNG (which happens again after a resume, as
+    # persistent workers restart) would shift the shuffle order and dropout of a resumed run.
     return DataLoader(dataset, batch_size=batch_size, num_workers=workers,
                       pin_memory=s.device.type == "cuda", persistent_workers=workers > 0,
-                      **kw)
+                      generator=torch.Generator().manual_seed(cfg.train.seed + 7919), **kw)
 
 
 def build_loaders(cfg: Config, cache: Any, train_rows: np.ndarray, val_rows: np.ndarray,
@@ -149,8 +152,7 @@ def build_loaders(cfg: Config, cache: Any, train_rows: np.ndarray, val_rows: np.
     sampler = EpochSampler(len(train_set), generator, weights, s.rank, s.world_size)
     # drop_last avoids a 1-sample batch (BatchNorm fails on it) when there is more than one.
     drop_last = len(sampler) > cfg.train.batch_size and len(sampler) % cfg.train.batch_size == 1
-    train = _loader(train_set, cfg.train.batch_size, cfg, s, sampler=sampler, drop_last=drop_last,
-                    generator=generator)
+    train = _loader(train_set, cfg.train.batch_size, cfg, s, sampler=sampler, drop_last=drop_last)
     val = _loader(CropDataset(cache, dist_util.shard(np.asarray(val_rows), _info(s))),
                   cfg.eval.batch_size, cfg, s, shuffle=False)
     bn = _loader(CropDataset(cache, train_rows), cfg.eval.batch_size, cfg, s, shuffle=False)
@@ -182,6 +184,10 @@ def make_run_model(cfg: Config, cache: Any, s: Settings, class_counts: list[int]
 
 
 def _check_cache(cfg: Config, cache: Any) -> None:
+    """Refuse a cache whose crops were made with other pixel settings than ``cfg.data``."""
+    from spinegrade.data.cache import check_cache_matches
+
+    check_cache_matches(cfg.data, cache.data_cfg)
     n, slices, _, h, w = cache.crops.shape
     if slices != cfg.data.n_slices or h != cfg.data.img_size:
         raise UserError(f"{cache.path}: crops are {slices} slices x {h}x{w} px but the config "

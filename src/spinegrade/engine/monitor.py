@@ -16,7 +16,7 @@ from spinegrade.constants import CLASS_NAMES
 
 log = logging.getLogger(__name__)
 
-PASS, WARN, ALARM, PENDING = "pass", "warn", "alarm", "pending"
+PASS, WARN, ALARM, PENDING, NA = "pass", "warn", "alarm", "pending", "n/a"
 NORMAL, MODERATE, SEVERE = CLASS_NAMES
 
 
@@ -25,10 +25,18 @@ def _item(name: str, value: float | None, target: str, status: str) -> dict:
             "target": target, "status": status}
 
 
+def _present_min(values: list[float | None]) -> float | None:
+    """Smallest recall among the classes present in validation (NaN/None = class absent)."""
+    present = [v for v in values if v is not None and v == v]
+    return min(present) if present else None
+
+
 def _min_recall(rows: list[dict], ecfg: EvalConfig) -> dict:
     last = rows[-1]
-    value = min(last[f"recall_{c}"] for c in CLASS_NAMES)
+    value = _present_min([last[f"recall_{c}"] for c in CLASS_NAMES])
     target = f"> {ecfg.min_recall:.0%} by epoch {ecfg.min_recall_by_epoch}"
+    if value is None:
+        return _item("min class recall", None, target, NA)
     if value > ecfg.min_recall:
         return _item("min class recall", value, target, PASS)
     # Before the deadline a low recall is expected (the head starts at the priors).
@@ -47,8 +55,10 @@ def _ba_spread(rows: list[dict], ecfg: EvalConfig) -> dict:
 
 def _normal_recall(rows: list[dict], ecfg: EvalConfig) -> dict:
     lo, hi = ecfg.normal_recall_range
-    value = rows[-1][f"recall_{NORMAL}"]
+    value = _present_min([rows[-1][f"recall_{NORMAL}"]])
     target = f"{lo:.0%}-{hi:.0%} (alarm > {ecfg.normal_recall_alarm:.0%})"
+    if value is None:
+        return _item("Normal/Mild recall", None, target, NA)
     status = ALARM if value > ecfg.normal_recall_alarm else PASS if lo <= value <= hi else WARN
     return _item("Normal/Mild recall", value, target, status)
 
@@ -63,9 +73,11 @@ def _loss_gap(rows: list[dict], ecfg: EvalConfig) -> dict:
 
 
 def _minority_recall(rows: list[dict], ecfg: EvalConfig) -> dict:
-    value = min(rows[-1][f"recall_{MODERATE}"], rows[-1][f"recall_{SEVERE}"])
+    value = _present_min([rows[-1][f"recall_{MODERATE}"], rows[-1][f"recall_{SEVERE}"]])
     target = (f"> {ecfg.minority_recall_target:.0%} each "
               f"(alarm < {ecfg.minority_recall_alarm:.0%})")
+    if value is None:
+        return _item("Moderate & Severe recall (min)", None, target, NA)
     if value < ecfg.minority_recall_alarm:
         status = ALARM
     else:

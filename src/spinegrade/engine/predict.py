@@ -13,6 +13,7 @@ every such case is listed in ``problems.csv`` next to the submission.
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import re
 import time
@@ -116,6 +117,16 @@ def parse_classifier_spec(spec: str) -> tuple[Path, float]:
     return path, weight
 
 
+def final_checkpoint(run: Path) -> str:
+    """The checkpoint a run names as its final model in final.json (SWA when it ran), else best."""
+    info = run / "final.json"
+    if info.is_file():
+        name = json.loads(info.read_text()).get("final_checkpoint")
+        if name in CHECKPOINT_NAMES:
+            return name
+    return "best"
+
+
 @dataclass
 class ClassifierRun:
     """One trained classifier run with its own preprocessing, ready to grade crops.
@@ -148,7 +159,8 @@ class ClassifierRun:
         """Load a run's checkpoint (``predict.checkpoint``, else the others) and config."""
         from spinegrade.models import build_model
 
-        order = [pcfg.checkpoint] + [n for n in CHECKPOINT_NAMES if n != pcfg.checkpoint]
+        first = final_checkpoint(path) if pcfg.checkpoint == "final" else pcfg.checkpoint
+        order = [first] + [n for n in CHECKPOINT_NAMES if n != first]
         ck_path = next((checkpoint_path(path, n) for n in order
                         if checkpoint_path(path, n).is_file()), None)
         if ck_path is None:

@@ -127,8 +127,9 @@ def evaluate(model: nn.Module, loader: Iterable[dict], loss_fn: nn.Module, s: Se
         parts["probs"].append(probs.float().cpu().numpy())
         for key in ("row", "label", "level"):
             parts[key].append(batch[key].numpy())
-    local = {k: (np.concatenate(v) if v else np.zeros((0, NUM_CLASSES) if k == "probs" else 0))
-             for k, v in parts.items()}
+    # An empty shard (fewer validation rows than processes) keeps the integer dtypes.
+    local = {k: (np.concatenate(v) if v else np.zeros((0, NUM_CLASSES)) if k == "probs"
+                 else np.zeros(0, dtype=np.int64)) for k, v in parts.items()}
     pred = dist_util.gather_predictions(local)
     loss_sum, n_seen = dist_util.all_reduce_sum([loss_sum, float(n_seen)], s.device)
     pred["loss"] = loss_sum / max(n_seen, 1)
@@ -192,6 +193,8 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
         The summary written to ``final.json`` (best epoch and metric, SWA metrics, ...).
     """
     fold = cfg.data.fold if fold is None else fold
+    if resume:
+        _check_resume_fold(Path(out_dir), fold)
     t = _setup(cfg, cache, Path(out_dir), fold, resume)
     t.on_epoch_end = on_epoch_end
     try:
@@ -207,16 +210,40 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
     return summary
 
 
+def _check_resume_fold(out: Path, fold: int) -> None:
+    """Refuse to resume a run on another fold: its validation studies would leak into training."""
+    info_path = out / "run.json"
+    if not (ckpt_io.checkpoint_path(out, "last").is_file() and info_path.is_file()):
+        return
+    trained = json.loads(info_path.read_text()).get("fold")
+    if trained is not None and int(trained) != fold:
+        raise UserError(f"{out} was trained on fold {trained}; resume it with --fold {trained} "
+                        f"(or train fold {fold} into another folder)")
+
+
+# Metrics train.select_metric may name, and whether a larger value is better.
+SELECT_METRICS: dict[str, bool] = {"balanced_accuracy": True, "weighted_logloss": False,
+                                   "val_loss": False}
+
+
+def _improves(value: float | None, state: RunState, metric: str) -> bool:
+    """Whether this epoch's ``metric`` beats the best so far (NaN and None never do)."""
+    if value is None or value != value:
+        return False
+    if state.best_epoch == 0:
+        return True
+    return value > state.best_metric if SELECT_METRICS[metric] else value < state.best_metric
+
+
 def _setup(cfg: Config, cache: Any, out: Path, fold: int, resume: bool) -> Trainer:
     """Process group, data, model, optimizer, schedule, SWA, and the resumed state."""
     s = Settings.from_config(cfg, fold)
     if not s.is_main:  # one voice: the other processes only report errors
         logging.getLogger("spinegrade").setLevel(logging.ERROR)
     seed_everything(cfg.train.seed, s.deterministic)
-    from spinegrade.data.cache import CropCache, check_cache_matches
+    from spinegrade.data.cache import CropCache
 
     cache = CropCache.open(cache) if isinstance(cache, str | Path) else cache
-    check_cache_matches(cfg.data, cache.data_cfg)
     split = _load_or_make_split(cfg, cache, out, resume, s)
     train_rows, val_rows = rows_for_fold(cache.index, split, fold)
     if s.is_main:
@@ -284,8 +311,7 @@ def _run_epoch(t: Trainer, epoch: int) -> None:
     t.state.epoch = epoch
     if t.swa is not None and t.schedule.in_swa(epoch):
         t.swa.update_parameters(t.model)
-    improved = row[t.cfg.train.select_metric] is not None and (
-        row[t.cfg.train.select_metric] > t.state.best_metric)
+    improved = _improves(row.get(t.cfg.train.select_metric), t.state, t.cfg.train.select_metric)
     if improved:
         t.state.best_metric, t.state.best_epoch = row[t.cfg.train.select_metric], epoch
     _save_epoch(t, epoch, improved)
