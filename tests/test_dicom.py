@@ -15,7 +15,7 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from dicom_fixtures import gdcm_transcode, write_broken_file, write_series
+from dicom_fixtures import gdcm_transcode, instance_order, write_broken_file, write_series
 from spinegrade.errors import UserError
 from spinegrade.io import geometry
 from spinegrade.io.dicom import (
@@ -30,8 +30,8 @@ from spinegrade.io.dicom import (
 def _testdata(name: str) -> Path:
     """A DICOM file bundled with pydicom or pydicom-data (never downloaded)."""
     path = get_testdata_file(name, download=False)
-    if path is None:
-        pytest.skip(f"{name} is not installed")
+    if path is None:  # pydicom-data is a required dev dependency: missing is a broken setup
+        pytest.fail(f"{name} is not installed; install the dev dependencies (pydicom-data)")
     return Path(path)
 
 
@@ -71,9 +71,16 @@ def test_bundled_mr_small_encodings_decode_to_the_same_pixels(tmp_path, name):
                                   "emri_small_jpeg_2k_lossless.dcm", "emri_small_big_endian.dcm"])
 def test_bundled_multiframe_mr_encodings_decode_to_the_same_pixels(name):
     # Multi-frame files are not series slices; read_pixels decodes them file by file.
-    expected = read_pixels(_testdata("emri_small.dcm"))
-    assert expected.shape == (10, 64, 64) and expected.dtype == np.float32
-    np.testing.assert_array_equal(read_pixels(_testdata(name)), expected)
+    # Reference: pydicom's own decoding of the uncompressed file, rescaled (MONOCHROME2).
+    ds = pydicom.dcmread(_testdata("emri_small.dcm"))
+    assert ds.PhotometricInterpretation == "MONOCHROME2"
+    expected = (ds.pixel_array.astype(np.float64) * float(ds.get("RescaleSlope", 1.0))
+                + float(ds.get("RescaleIntercept", 0.0))).astype(np.float32)
+    assert expected.shape == (10, 64, 64) and np.unique(expected).size > 100
+    got = read_pixels(_testdata(name))
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(read_pixels(_testdata("emri_small.dcm")), expected)
 
 
 def test_read_pixels_rejects_non_dicom(tmp_path):
@@ -156,6 +163,10 @@ def test_compressed_series_decode_like_the_uncompressed_one(tmp_path, syntax):
     write_series(tmp_path / syntax, order="shuffled", transfer_syntax=syntax)
     raw, packed = read_series(tmp_path / "raw"), read_series(tmp_path / syntax)
     assert packed.transfer_syntax != raw.transfer_syntax
+    # Sagittal, ascending along the normal (-1, 0, 0): k = 4 first; corner of slice k is
+    # 100 (k + 1), and slice k holds the k-th of the shuffled instance numbers.
+    assert _corners(packed) == [500, 400, 300, 200, 100]
+    assert packed.instance_numbers.tolist() == instance_order(5, "shuffled")[::-1]
     np.testing.assert_array_equal(packed.instance_numbers, raw.instance_numbers)
     for a, b in zip(raw.slices, packed.slices, strict=True):
         np.testing.assert_array_equal(a, b)

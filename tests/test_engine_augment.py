@@ -89,6 +89,22 @@ class _Toy(torch.nn.Module):
         return logits.softmax(-1)
 
 
+def test_zoom_scales_a_centred_square_about_the_image_centre():
+    # 8-px square on columns/rows 12..19 of a 32-px image, centred on the image centre (15.5).
+    # zoom(s) samples output pixel i at input (i - 15.5) / s + 15.5 (bilinear). At s = 2 the
+    # interpolated value exceeds 0.5 where that lies in (11.5, 19.5): i = 8..23, 16 px.
+    x = torch.zeros(1, 1, 1, 32, 32)
+    x[..., 12:20, 12:20] = 1.0
+    big = zoom(x, 2.0)[0, 0, 0] > 0.5
+    assert big.sum(-1).max() == 16 and big.sum(-2).max() == 16 and big.sum() == 256
+    assert big[8:24, 8:24].all()
+    # s = 0.5: input (i - 15.5) * 2 + 15.5 in (11.5, 19.5) -> i = 14..17, 4 px.
+    small = zoom(x, 0.5)[0, 0, 0] > 0.5
+    assert small.sum() == 16 and small[14:18, 14:18].all()
+    assert torch.equal(zoom(x, 1.0), x)
+    assert not torch.allclose(zoom(x, 1.1), x)
+
+
 def test_tta_views_are_identity_brightness_and_scale_averaged():
     views = tta_views((0.9, 1.1), (0.9, 1.1))
     assert len(views) == 5
@@ -119,7 +135,37 @@ def test_checkpoint_round_trip_weights_only_with_rng(tmp_path):
     set_rng_state(ck["rng"], gen)
     assert (random.random(), np.random.rand(), torch.rand(1).item(),
             torch.rand(1, generator=gen).item()) == expected
-    torch.optim.AdamW(model.parameters()).load_state_dict(ck["optimizer"])
+    restored = torch.nn.Linear(3, 2)
+    restored.load_state_dict(ck["model"])
+    assert ck["model"].keys() == model.state_dict().keys()
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(ck["model"][name], tensor), name
+        assert torch.equal(restored.state_dict()[name], tensor), name
+    opt2 = torch.optim.AdamW(restored.parameters())
+    opt2.load_state_dict(ck["optimizer"])
+    for key in ("exp_avg", "exp_avg_sq", "step"):
+        for i in range(2):
+            assert torch.equal(opt2.state_dict()["state"][i][key], opt.state_dict()["state"][i][key])
+    assert ck["config"] == {"a": [1]}
+
+
+class _NotATensor:
+    """A custom class: pickled by reference, so weights_only loading must refuse it."""
+
+    def __init__(self) -> None:
+        self.value = 1
+
+
+def test_checkpoint_with_custom_object_is_refused(tmp_path):
+    path = tmp_path / "evil.pt"
+    torch.save({"format_version": 1, "class_names": ["normal_mild", "moderate", "severe"],
+                "model": {"w": torch.zeros(1)}, "extra": _NotATensor()}, path)
+    with pytest.raises(UserError, match="not a readable spinegrade checkpoint"):
+        load_checkpoint(path)
+    # The same payload without the object loads: the refusal is about the object only.
+    torch.save({"format_version": 1, "class_names": ["normal_mild", "moderate", "severe"],
+                "model": {"w": torch.zeros(1)}}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.zeros(1))
 
 
 def test_bad_checkpoint_is_a_user_error(tmp_path):

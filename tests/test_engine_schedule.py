@@ -65,10 +65,13 @@ def test_fit_follows_the_phases_and_swa_averages_exactly_the_window(tmp_path, mo
 
     swa = load_checkpoint(tmp_path / "run/checkpoints/swa.pt")
     assert swa["n_averaged"] == 5 - 4 + 1
+    compared = 0
     for name, value in swa["model"].items():
         if name in weights[4]:  # parameters; BN buffers were recomputed
             expected = (weights[4][name] + weights[5][name]) / 2
             torch.testing.assert_close(value, expected, rtol=0, atol=1e-7)
+            compared += 1
+    assert compared == len(weights[4]) > 0  # every parameter was found and compared
     # BatchNorm statistics were recomputed, not left at the initial copy's values.
     last = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
     bn_key = next(k for k in swa["model"] if k.endswith("running_mean"))

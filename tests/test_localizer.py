@@ -37,8 +37,10 @@ def test_tasks_follow_condition_series():
 def test_grid_round_trip_and_patient_point():
     s = _series()
     gx, gy = s.to_grid(1, 10.0, 20.0)
-    # 48 columns -> 32: pixel centres scale by 32/48 about -0.5.
-    assert gx == pytest.approx((10.5) * 32 / 48 - 0.5)
+    # 48 columns -> 32: pixel centres scale by 32/48 about -0.5: 10.5 * 2/3 - 0.5 = 6.5;
+    # 64 rows -> 32: 20.5 * 1/2 - 0.5 = 9.75.
+    assert gx == pytest.approx(6.5)
+    assert gy == pytest.approx(9.75)
     assert s.to_native(1, gx, gy) == pytest.approx((10.0, 20.0))
     # x runs along row_dir (+y) with column spacing 0.8; y along col_dir (-z) with 0.5.
     np.testing.assert_allclose(s.patient_point(2, 10.0, 20.0), [8.0, -10.0 + 8.0, 50.0 - 10.0])

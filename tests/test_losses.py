@@ -110,9 +110,14 @@ def test_each_version_builds_a_finite_differentiable_loss(version):
     assert ("ordinal" in terms) == (cfg.loss.ordinal_weight > 0)
     terms["total"].backward()
     assert torch.isfinite(logits.grad).all()
-    # Mixup soft targets take precedence over the hard label.
-    soft = dict(batch, label_soft=F.one_hot(batch["label"], NUM_CLASSES).float())
-    torch.testing.assert_close(loss(outputs, soft), terms["total"])
+    # Mixup soft targets take precedence over the hard label: a one-hot soft target of
+    # another class gives that class's hard-label loss, not the batch label's.
+    other = (batch["label"] + 1) % NUM_CLASSES
+    soft = dict(batch, label_soft=F.one_hot(other, NUM_CLASSES).float())
+    with torch.no_grad():
+        got, want = loss(outputs, soft), loss(outputs, dict(batch, label=other))
+        torch.testing.assert_close(got, want)
+        assert not torch.isclose(got, terms["total"].detach())
 
 
 def test_v8_loss_is_plain_weighted_ce():
@@ -124,11 +129,49 @@ def test_v8_loss_is_plain_weighted_ce():
 
 
 def test_build_loss_rejects_mismatched_settings():
-    cfg = load_config("configs/v8.yaml")
     with pytest.raises(ConfigError, match="model.head=coral"):
         build_loss(load_config("configs/v6.yaml").loss, head="softmax")
     with pytest.raises(ConfigError, match="ordinal_weight > 0"):
         build_loss(load_config("configs/v7.yaml", ["loss.ordinal_weight=0"]).loss)
     with pytest.raises(ConfigError, match="no ordinal"):
         build_loss(load_config("configs/v8.yaml", ["loss.ordinal_weight=0.5"]).loss)
-    assert build_loss(cfg.loss, head="coral").head == "coral"  # CE on decoded CORAL probs
+
+
+def _np_coral_probs(logits: np.ndarray) -> np.ndarray:
+    """K=3 CORAL decoding (models.heads docs): p0 = s(l0), p1 = min(s(l1), p0)."""
+    s = 1 / (1 + np.exp(-logits))
+    above0, above1 = s[:, 0], np.minimum(s[:, 1], s[:, 0])
+    return np.stack([1 - above0, above0 - above1, above1], 1)
+
+
+CORAL_LOGITS = torch.tensor([[-2.0, -2.95], [1.0, -0.5], [2.0, 1.0], [0.3, 0.8]])  # last: crossed
+CORAL_Y = np.array([0, 1, 2, 2])  # crossed row: p1 = 0, so label it 2
+
+
+def test_weighted_ce_on_a_coral_head_is_ce_of_the_decoded_probabilities():
+    # v8's weighted CE on a CORAL head: -sum_b w[y_b] log p_b[y_b] / sum_b w[y_b] with p the
+    # decoded CORAL probabilities (no ordinal term: v8 has ordinal_weight 0).
+    loss = build_loss(load_config("configs/v8.yaml").loss, head="coral")
+    p = _np_coral_probs(CORAL_LOGITS.numpy().astype(np.float64))
+    w = np.array(CLASS_WEIGHTS)[CORAL_Y]
+    expected = (w * -np.log(p[np.arange(4), CORAL_Y])).sum() / w.sum()
+    got = loss({"logits": CORAL_LOGITS}, {"label": torch.from_numpy(CORAL_Y)})
+    assert got.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_v6_coral_ce_is_focal_ce_on_decoded_probs_plus_coral_bce():
+    # v6: focal CE (gamma 1.5, unweighted) on the decoded probabilities + 1.0 x CORAL BCE
+    # (sum over thresholds of BCE(l_k, 1[y > k]), unweighted mean over samples).
+    cfg = load_config("configs/v6.yaml")
+    assert (cfg.loss.focal_gamma, cfg.loss.ordinal_weight, cfg.loss.use_class_weights) == (1.5, 1.0, False)
+    loss = build_loss(cfg.loss, head="coral")
+    logits = CORAL_LOGITS.numpy().astype(np.float64)
+    p = _np_coral_probs(logits)[np.arange(4), CORAL_Y]
+    focal = ((1 - p) ** 1.5 * -np.log(p)).mean()
+    s = 1 / (1 + np.exp(-logits))
+    t = np.stack([CORAL_Y > 0, CORAL_Y > 1], 1).astype(np.float64)
+    coral = -(t * np.log(s) + (1 - t) * np.log(1 - s)).sum(1).mean()
+    terms = loss.components({"logits": CORAL_LOGITS}, {"label": torch.from_numpy(CORAL_Y)})
+    assert terms["main"].item() == pytest.approx(focal, rel=1e-5)
+    assert terms["ordinal"].item() == pytest.approx(coral, rel=1e-5)
+    assert terms["total"].item() == pytest.approx(focal + coral, rel=1e-5)

@@ -323,11 +323,39 @@ def test_channels_last_and_grad_checkpointing_match_the_plain_forward():
         ref = model(batch["image"], batch["level"])["logits"]
         model.to(memory_format=torch.channels_last)
         torch.testing.assert_close(model(batch["image"], batch["level"])["logits"], ref)
-    model.set_grad_checkpointing(True)
-    model.train()
-    model(batch["image"], batch["level"])["logits"].sum().backward()
     with pytest.raises(TypeError, match="float"):
         model((batch["image"] * 255).to(torch.uint8), batch["level"])
+
+
+def test_grad_checkpointing_gives_the_plain_gradients(monkeypatch):
+    import torch.utils.checkpoint as torch_checkpoint
+
+    torch.manual_seed(0)
+    cfg = tiny_cfg("v8")
+    model = build_model(cfg.model, n_slices=S).eval()  # eval: no dropout, fixed BN statistics
+    batch = make_batch()
+
+    def grads():
+        model.zero_grad(set_to_none=True)
+        forward_loss(model, cfg, batch)[1].backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    plain = grads()
+    calls = []
+    real = torch_checkpoint.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(torch_checkpoint, "checkpoint", counting)
+    model.set_grad_checkpointing(True)
+    assert model.backbone.grad_checkpointing is True
+    ckpt = grads()
+    assert calls, "grad checkpointing is set but the backbone never checkpointed"
+    assert plain.keys() == ckpt.keys() and any(n.startswith("backbone.") for n in plain)
+    for name, g in plain.items():
+        torch.testing.assert_close(ckpt[name], g, msg=name)
 
 
 @pytest.mark.parametrize("name", ["mobilenetv3_small_050", "test_efficientnet", "resnet10t"])

@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ from dicom_fixtures import write_broken_file, write_series
 from spinegrade.cli import main
 from spinegrade.config import DataConfig, load_config
 from spinegrade.constants import LEVEL_TITLES, SEVERITIES, TRAIN_COLUMNS, train_column
-from spinegrade.data.cache import CropCache, crops_from_dicom, prepare
+from spinegrade.data.cache import KILL_ENV, CropCache, crops_from_dicom, prepare
 from spinegrade.data.preprocess import CropRequest
 from spinegrade.data.rsna import read_problems
 
@@ -134,26 +133,33 @@ def test_rerun_reuses_and_setting_change_makes_new_cache(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_kill_9_then_rerun_equals_uninterrupted(tmp_path):
-    root = make_dataset(tmp_path / "data", n_studies=16, n=15, shape=(192, 192))
+@pytest.mark.parametrize("workers", [1, 2])
+def test_kill_9_then_rerun_equals_uninterrupted(tmp_path, workers):
+    # 12 series; chunks of 3 (1 worker: 12 / 4 chunks per worker) or 2 (2 workers: 12 / 8).
+    # KILL_ENV=2 SIGKILLs the CLI's process group once 2 series have reported back, i.e.
+    # right after the first chunk: deterministically before consolidation.
+    n_series = 12
+    root = make_dataset(tmp_path / "data", n_studies=n_series, n=15, shape=(192, 192))
     cmd = [sys.executable, "-m", "spinegrade.cli", "prepare", str(root), "--no-progress",
-           "--workers", "2", "--set", "data.img_size=64"]
-    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True)
+           "--workers", str(workers), "--set", "data.img_size=64"]
+    env = {k: v for k, v in os.environ.items() if k != KILL_ENV}
+    subprocess.run(cmd + ["--out", str(tmp_path / "ref")], check=True, capture_output=True,
+                   env=env)
 
-    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and proc.poll() is None:
-        if len(list((tmp_path / "killed").glob("*/shards/*.json"))) >= 2:
-            break
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the CLI and its workers
-    proc.wait()
-    cache_dirs = list((tmp_path / "killed").iterdir())
-    assert not (cache_dirs[0] / "meta.json").exists(), "finished before the kill; enlarge"
-    assert 2 <= len(list(cache_dirs[0].glob("shards/*.json"))) < 16
+    killed = subprocess.run(cmd + ["--out", str(tmp_path / "killed")], capture_output=True,
+                            text=True, start_new_session=True, env={**env, KILL_ENV: "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    (cache_dir,) = (tmp_path / "killed").iterdir()
+    assert not (cache_dir / "meta.json").exists() and not (cache_dir / "crops.npy").exists()
+    assert len(list(cache_dir.glob("crops.partial-*.npy"))) == 1
+    markers = len(list(cache_dir.glob("shards/*.json")))
+    if workers == 1:
+        assert markers == 3  # in-process: exactly the first chunk
+    else:  # the first chunk (2 series), maybe a second from the other worker, not all
+        assert 2 <= markers < n_series
 
-    subprocess.run(cmd + ["--out", str(tmp_path / "killed")], check=True, capture_output=True)
+    subprocess.run(cmd + ["--out", str(tmp_path / "killed")], check=True, capture_output=True,
+                   env=env)
     ref, again = (next((tmp_path / d).iterdir()) for d in ("ref", "killed"))
     assert ref.name == again.name
     for name in ("crops.npy", "index.csv", "problems.csv"):

@@ -54,9 +54,25 @@ def test_percentile_and_file_windows():
 
 
 def test_window_stack_and_constant_image():
+    values = np.array([[-125.0, 15.0, 225.0, 402.0, 1400.0]], dtype=np.float32)
+    stack = WindowStack([FixedWindow(50, 350), FixedWindow(400, 2000),
+                         FileWindow(PercentileWindow(0, 100))])
+    out = stack(values, (100.0, 200.0))
+    assert out.shape == (3, 1, 5) and out.dtype == np.uint8
+    # Soft [-125, 225]: 15 -> 140 * 255/350 = 102. Bone [-600, 1400] (x 255/2000):
+    # -125 -> 60.56 -> 61, 15 -> 78.41 -> 78, 225 -> 105.19 -> 105, 402 -> 127.76 -> 128.
+    # File window (100, 200) = [0, 200]: 15 -> 19.125 -> 19.
+    assert out[:, 0].tolist() == [[0, 102, 255, 255, 255], [61, 78, 105, 128, 255],
+                                  [0, 19, 255, 255, 255]]
+    # No file window: the 0/100 percentile fallback spans [-125, 1400] (x 255/1525):
+    # 15 -> 23.41 -> 23, 225 -> 58.52 -> 59, 402 -> 88.12 -> 88.
+    assert stack(values, NAN)[2, 0].tolist() == [0, 23, 59, 88, 255]
     img = np.full((4, 5), 7.0, dtype=np.float32)
     out = WindowStack([FixedWindow(50, 350), FixedWindow(400, 2000), PercentileWindow(1, 99)])(img)
+    # 7 -> soft 132 * 255/350 = 96.17 -> 96, bone 607 * 255/2000 = 77.39 -> 77; a constant
+    # image has a degenerate percentile window [7, 8]: 7 -> 0.
     assert out.shape == (3, 4, 5) and out.dtype == np.uint8
+    assert [np.unique(out[c]).tolist() for c in range(3)] == [[96], [77], [0]]
     assert apply_window(img, 7.0, 7.0).max() == 0  # degenerate window: no division by zero
 
 
@@ -156,3 +172,69 @@ def test_neighbour_with_other_grid_is_mapped(tmp_path):
     j, x, y, _, _ = plan[2]
     assert vol.slices[j].shape == (64, 64)
     assert (x, y) == pytest.approx((20.0 - 10.0, 12.0))  # 5 mm / 0.5 mm = 10 px
+
+
+def _is_tie(v: np.ndarray) -> np.ndarray:
+    """Integer values whose exact window value (v - low) * 255 / w ends in .5 (default windows
+    (50, 350), (400, 2000) and the file's (600, 800)), in exact integer arithmetic."""
+    tie = np.zeros(v.shape, dtype=bool)
+    for low, w in [(-125, 350), (-600, 2000), (200, 800)]:
+        inside = (v > low) & (v < low + w)
+        tie |= inside & ((2 * (v - low) * 255) % (2 * w) == w)
+    return tie
+
+
+def _expected_crop(path, x: float, y: float, cfg: DataConfig) -> np.ndarray:
+    """The labelled slice's crop recomputed from the file with numpy + OpenCV only.
+
+    Windows (docs: ``center +- width / 2`` linearly onto 0..255, clipped, rounded), CLAHE
+    per channel, a ``2r x 2r`` box centred on pixel ``floor(x + 0.5)`` with zero padding,
+    then ``cv2.resize`` to ``img_size``: channel-first ``(3, S, S)`` uint8.
+    """
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    img = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) \
+        + float(getattr(ds, "RescaleIntercept", 0.0))
+    windows = [cfg.soft_window, cfg.bone_window, (float(ds.WindowCenter), float(ds.WindowWidth))]
+    clahe = cv2.createCLAHE(clipLimit=cfg.clahe_clip_limit,
+                            tileGridSize=(cfg.clahe_tile_grid, cfg.clahe_tile_grid))
+    channels = []
+    for center, width in windows:
+        low = center - width / 2
+        grey = np.rint(np.clip((img - low) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
+        channels.append(clahe.apply(grey))
+    hwc = np.stack(channels, -1)
+    r = round(cfg.crop_radius_scale * cfg.img_size)
+    cx, cy = int(np.floor(x + 0.5)), int(np.floor(y + 0.5))
+    padded = np.pad(hwc, ((2 * r, 2 * r), (2 * r, 2 * r), (0, 0)))  # zeros outside the image
+    patch = padded[cy - r + 2 * r:cy + r + 2 * r, cx - r + 2 * r:cx + r + 2 * r]
+    flag = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}[cfg.resize_interpolation]
+    return cv2.resize(patch, (cfg.img_size, cfg.img_size), interpolation=flag).transpose(2, 0, 1)
+
+
+@pytest.mark.parametrize("interpolation", ["area", "linear"])
+def test_crop_pixels_equal_an_independent_recomputation(tmp_path, interpolation):
+    def pixels(k, shape):
+        rng = np.random.default_rng(k)
+        yy, xx = np.mgrid[:shape[0], :shape[1]]
+        v = 5 * xx + 8 * yy + rng.integers(0, 400, shape)  # 0..~1000
+        # No value may land exactly half-way between two grey levels in any window (e.g.
+        # 280 in [200, 1000] -> 25.5): float32 arithmetic decides such ties either way.
+        while (tie := _is_tie(v)).any():
+            v = v + tie
+        return v.astype(np.uint16)
+
+    files = write_series(tmp_path / "s", n=5, shape=(48, 56), pixel_fn=pixels,
+                         window=(600, 800), instance_numbers=[4, 2, 5, 1, 3])
+    cfg = DataConfig(img_size=16, n_slices=3, resize_interpolation=interpolation)
+    cropper = build_cropper(cfg)
+    vol = read_series(tmp_path / "s")
+    # Slice k = 2 is instance 5; one box inside the image, one crossing its left/top edges.
+    for x, y in [(30.2, 20.5), (3.5, 6.0)]:
+        (crop,) = cropper(vol, [CropRequest(5, x, y)])
+        expected = _expected_crop(files[2], x, y, cfg)
+        assert expected.shape == (3, 16, 16) and expected.std() > 0
+        np.testing.assert_array_equal(crop[1], expected)
+    # The edge box really is zero-padded: its top-left output pixels are 0 in every channel.
+    assert not crop[1][:, 0, 0].any()

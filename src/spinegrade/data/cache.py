@@ -64,6 +64,10 @@ SHARDS_DIR = "shards"
 # DataConfig fields that do not change a crop's pixels; every other field (including ones
 # added later) is part of the cache key, so a new setting errs on the side of a rebuild.
 NON_PIXEL_FIELDS: frozenset[str] = frozenset({"folds", "fold", "num_workers"})
+# Test hook: once N series' markers are written (counted as their chunks report back), the
+# preparing process SIGKILLs its process group when it leads one (itself and its workers,
+# like ``kill -9`` of the group), else itself.
+KILL_ENV = "SPINEGRADE_KILL_AFTER_SHARDS"
 
 
 # --- cache key ---------------------------------------------------------------------------------
@@ -537,17 +541,31 @@ def _run_tasks(tasks: list[SeriesTask], data_cfg: DataConfig, workers: int,
     # would make the next prepare in this process fall back to spawn.
     bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), desc="prepare",
                unit="series", dynamic_ncols=True) if progress else None
+    kill_after = os.environ.get(KILL_ENV)
+    finished = 0
     try:
         results = map(run_chunk, jobs) if pool is None else pool.imap_unordered(run_chunk, jobs)
         for done in results:
             if bar is not None:
                 bar.update(len(done))
+            finished += len(done)
+            if kill_after is not None and finished >= int(kill_after):
+                _kill_self()
     finally:
         if bar is not None:
             bar.close()
         if pool is not None:
             pool.terminate()  # as ``with Pool``: every job is done or the run is abandoned
             pool.join()
+
+
+def _kill_self() -> None:
+    """SIGKILL this process's group if it leads one (workers included), else this process."""
+    import signal
+
+    if os.getpgrp() == os.getpid():
+        os.killpg(os.getpid(), signal.SIGKILL)
+    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _consolidate(cache_dir: Path, index: pd.DataFrame, tasks: list[SeriesTask],
