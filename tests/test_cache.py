@@ -77,3 +77,22 @@ def test_cache_key_follows_pixel_settings():
     assert cache_key(dataclasses.replace(base, window_preset="percentile")) != cache_key(base)
     other = dataclasses.replace(base, condition="left_neural_foraminal_narrowing")
     assert cache_key(other).startswith("left_neural_foraminal_narrowing-")
+
+
+def test_cache_from_older_preprocessing_code_is_refused(tmp_path):
+    """A cache whose pixel_config names another preprocessing version is never reused."""
+    import json
+
+    from spinegrade.config import DataConfig
+    from spinegrade.data.cache import check_cache_matches, pixel_config
+    from spinegrade.errors import UserError
+
+    cfg = DataConfig(img_size=32)
+    current = pixel_config(cfg)
+    check_cache_matches(cfg, current)  # same settings and code: accepted
+    old = json.loads(json.dumps(current))
+    old["preprocess_version"] = current["preprocess_version"] - 1
+    with pytest.raises(UserError, match="preprocess_version"):
+        check_cache_matches(cfg, old)
+    with pytest.raises(UserError, match=r"data\.img_size: cache has 32, config has 48"):
+        check_cache_matches(DataConfig(img_size=48), current)

@@ -174,6 +174,23 @@ def test_neighbour_with_other_grid_is_mapped(tmp_path):
     assert (x, y) == pytest.approx((20.0 - 10.0, 12.0))  # 5 mm / 0.5 mm = 10 px
 
 
+def test_neighbour_on_same_grid_but_shifted_in_plane_is_mapped(tmp_path):
+    # All slices 40x40 at 0.5 mm, but slice k=0 is shifted 3 mm along +y (the row direction
+    # of the sagittal fixture): the same (x, y) there is other anatomy.
+    positions = [(-10.0, 3.0, 0), (0.0, 0.0, 0), (10.0, 0.0, 0)]
+    write_series(tmp_path / "s", n=3, shapes=[(40, 40)] * 3, positions=positions,
+                 pixel_spacing=(0.5, 0.5))
+    vol = read_series(tmp_path / "s")
+    cropper = build_cropper(DataConfig(img_size=8, n_slices=3))
+    centre = int(vol.instance_numbers[1])  # k=1, the unshifted middle slice
+    plan = {j: (x, y) for j, x, y, _, _ in cropper.slice_plan(vol, CropRequest(centre, 20.0, 12.0))}
+    shifted = int(np.argmax(vol.positions[:, 1]))  # the slice whose IPP y is 3 mm
+    unshifted = [j for j in plan if j != shifted and j != 1]
+    assert plan[1] == (20.0, 12.0)
+    assert plan[unshifted[0]] == (20.0, 12.0)  # parallel, no in-plane offset: raw pixels
+    assert plan[shifted] == pytest.approx((20.0 - 6.0, 12.0))  # 3 mm / 0.5 mm = 6 px
+
+
 def _is_tie(v: np.ndarray) -> np.ndarray:
     """Integer values whose exact window value (v - low) * 255 / w ends in .5 (default windows
     (50, 350), (400, 2000) and the file's (600, 800)), in exact integer arithmetic."""

@@ -31,7 +31,7 @@ import numpy as np
 
 # Bumped whenever the pixel output of this module changes for the same config, so caches
 # made by older code are never reused (part of the cache key).
-PREPROCESS_VERSION = 1
+PREPROCESS_VERSION = 2
 
 INTERPOLATIONS: dict[str, int] = {"area": cv2.INTER_AREA, "linear": cv2.INTER_LINEAR}
 
@@ -278,6 +278,19 @@ def map_point(
     return float(delta @ row_dir) / float(dst_spacing[1]), float(delta @ col_dir) / float(dst_spacing[0])
 
 
+def _shifted_in_plane(volume: Any, c: int, j: int, spacing: np.ndarray) -> bool:
+    """Whether slice ``j``'s pixel grid is offset from slice ``c``'s within the image plane.
+
+    Parallel slices of one stack normally differ only along the normal; an in-plane offset
+    (a second slab, a moved field of view) means the same (x, y) is other anatomy. Missing
+    geometry counts as not shifted.
+    """
+    delta = np.asarray(volume.positions[j], np.float64) - np.asarray(volume.positions[c], np.float64)
+    orientation = np.asarray(volume.orientation, np.float64)
+    shift = np.array([delta @ orientation[:3] / spacing[1], delta @ orientation[3:6] / spacing[0]])
+    return bool(np.all(np.isfinite(shift)) and np.any(np.abs(shift) > 0.01))
+
+
 # --- the whole pipeline on a volume ------------------------------------------------------------
 
 
@@ -329,7 +342,8 @@ class VolumeCropper:
             j = int(j)
             spacing_j = np.asarray(volume.pixel_spacing[j], dtype=np.float64)
             same = (volume.slices[j].shape == (h, w)
-                    and np.allclose(spacing_j, spacing_c, rtol=1e-6, equal_nan=True))
+                    and np.allclose(spacing_j, spacing_c, rtol=1e-6, equal_nan=True)
+                    and not _shifted_in_plane(volume, c, j, spacing_c))
             if same:
                 plan.append((j, request.x, request.y, rx, ry))
                 continue
