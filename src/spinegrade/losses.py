@@ -87,7 +87,17 @@ def _cumulative_targets(q: torch.Tensor) -> torch.Tensor:
     return q.flip(-1).cumsum(-1).flip(-1)[:, 1:]
 
 
-class CoralLoss(nn.Module):
+class _ClassWeightedLoss(nn.Module):
+    """Base of the ordinal losses: a class-weight buffer and the number of classes."""
+
+    def __init__(self, class_weights: Sequence[float] | None = None,
+                 num_classes: int = len(CLASS_WEIGHTS)) -> None:
+        super().__init__()
+        self.register_buffer("class_weights", _class_weights(class_weights, num_classes))
+        self.num_classes = num_classes
+
+
+class CoralLoss(_ClassWeightedLoss):
     """CORAL loss: binary cross entropy of each ``P(Y > k)`` logit against ``1[y > k]``.
 
     Summed over the K-1 thresholds, averaged over samples with the class weights.
@@ -97,12 +107,6 @@ class CoralLoss(nn.Module):
         num_classes: K.
     """
 
-    def __init__(self, class_weights: Sequence[float] | None = None,
-                 num_classes: int = len(CLASS_WEIGHTS)) -> None:
-        super().__init__()
-        self.register_buffer("class_weights", _class_weights(class_weights, num_classes))
-        self.num_classes = num_classes
-
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         q = soft_targets(target, self.num_classes)
         bce = F.binary_cross_entropy_with_logits(
@@ -110,7 +114,7 @@ class CoralLoss(nn.Module):
         return weighted_mean(bce.expand_as(q), q, self.class_weights)
 
 
-class CumulativeOrdinalLoss(nn.Module):
+class CumulativeOrdinalLoss(_ClassWeightedLoss):
     """Ordinal term for a softmax head: BCE of the implied ``P(Y > k) = sum_{c>k} p_c``.
 
     Unlike CE, predicting Normal for a Severe case costs more than predicting Moderate.
@@ -119,12 +123,6 @@ class CumulativeOrdinalLoss(nn.Module):
         class_weights: Weight per true class, or None.
         num_classes: K.
     """
-
-    def __init__(self, class_weights: Sequence[float] | None = None,
-                 num_classes: int = len(CLASS_WEIGHTS)) -> None:
-        super().__init__()
-        self.register_buffer("class_weights", _class_weights(class_weights, num_classes))
-        self.num_classes = num_classes
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         q = soft_targets(target, self.num_classes)
