@@ -455,11 +455,15 @@ def solution_from_train(train: pd.DataFrame) -> pd.DataFrame:
         UserError: on missing columns, duplicated study ids or unknown severities.
     """
     labels = _train_labels(train)
-    y = labels["label"].to_numpy()
+    ids = [row_id(s, c, lv) for s, c, lv in
+           zip(labels["study_id"], labels["condition"], labels["level"], strict=True)]
+    return _solution_frame(ids, labels["label"].to_numpy())
+
+
+def _solution_frame(ids: Sequence[str], y: np.ndarray) -> pd.DataFrame:
+    """Solution rows: row id, one-hot truth and the competition sample weight."""
     out = pd.DataFrame(np.eye(NUM_CLASSES)[y], columns=list(PROB_COLUMNS))
-    out.insert(0, ROW_ID, [row_id(s, c, lv) for s, c, lv in
-                           zip(labels["study_id"], labels["condition"], labels["level"],
-                               strict=True)])
+    out.insert(0, ROW_ID, list(ids))
     out[SOLUTION_WEIGHT_COLUMN] = np.asarray(CLASS_WEIGHTS)[y]
     return out
 
@@ -479,9 +483,7 @@ def condition_score(study_ids: Sequence[int], levels: Sequence[str], labels: Seq
     """
     y = np.asarray(labels, dtype=int)
     ids = [row_id(s, condition, lv) for s, lv in zip(study_ids, levels, strict=True)]
-    solution = pd.DataFrame(np.eye(NUM_CLASSES)[y], columns=list(PROB_COLUMNS))
-    solution.insert(0, ROW_ID, ids)
-    solution[SOLUTION_WEIGHT_COLUMN] = np.asarray(CLASS_WEIGHTS)[y]
+    solution = _solution_frame(ids, y)
     submission = pd.DataFrame(np.asarray(probs, dtype=float), columns=list(PROB_COLUMNS))
     submission.insert(0, ROW_ID, ids)
     # The other groups are absent by design: silence the "nothing to score" warning.

@@ -80,9 +80,9 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
     model, loss_fn = make_run_model(cfg, data, s, for_inference=True)
     model.load_state_dict(ck["model"])
     from spinegrade.data.dataset import CropDataset
-    from spinegrade.engine.distributed import DistInfo, shard
+    from spinegrade.engine.distributed import shard
 
-    shard_rows = shard(rows, DistInfo(rank=s.rank, world_size=s.world_size))
+    shard_rows = shard(rows, s.dist)
     loader = _loader(CropDataset(data, shard_rows), cfg.eval.batch_size, cfg, s, shuffle=False)
     views = tta_views(cfg.eval.tta_brightness, cfg.eval.tta_scales) if tta else tta_views()
     pred = evaluate(model, loader, loss_fn, s, views)

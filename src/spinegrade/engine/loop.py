@@ -37,14 +37,21 @@ class Settings:
     mixup_alpha: float = 0.0
     log_every: int = 0
     deterministic: bool = True
-    rank: int = 0
-    world_size: int = 1
+    dist: dist_util.DistInfo = dist_util.DistInfo()
     fold: int = 0
+
+    @property
+    def rank(self) -> int:
+        return self.dist.rank
+
+    @property
+    def world_size(self) -> int:
+        return self.dist.world_size
 
     @property
     def is_main(self) -> bool:
         """True on the process that writes files and prints."""
-        return self.rank == 0
+        return self.dist.is_main
 
     @classmethod
     def from_config(cls, cfg: Config, fold: int | None = None) -> Settings:
@@ -60,7 +67,7 @@ class Settings:
                    log_every=cfg.train.log_every,
                    # CPU kernels are deterministic at no cost; on CUDA it is opt-in.
                    deterministic=cfg.train.deterministic or not on_cuda,
-                   rank=info.rank, world_size=info.world_size,
+                   dist=info,
                    fold=cfg.data.fold if fold is None else fold)
 
 
@@ -153,14 +160,10 @@ def build_loaders(cfg: Config, cache: Any, train_rows: np.ndarray, val_rows: np.
     # drop_last avoids a 1-sample batch (BatchNorm fails on it) when there is more than one.
     drop_last = len(sampler) > cfg.train.batch_size and len(sampler) % cfg.train.batch_size == 1
     train = _loader(train_set, cfg.train.batch_size, cfg, s, sampler=sampler, drop_last=drop_last)
-    val = _loader(CropDataset(cache, dist_util.shard(np.asarray(val_rows), _info(s))),
+    val = _loader(CropDataset(cache, dist_util.shard(np.asarray(val_rows), s.dist)),
                   cfg.eval.batch_size, cfg, s, shuffle=False)
     bn = _loader(CropDataset(cache, train_rows), cfg.eval.batch_size, cfg, s, shuffle=False)
     return Loaders(train=train, val=val, bn=bn, generator=generator, index=cache.index)
-
-
-def _info(s: Settings) -> dist_util.DistInfo:
-    return dist_util.DistInfo(rank=s.rank, world_size=s.world_size)
 
 
 def make_run_model(cfg: Config, cache: Any, s: Settings, class_counts: list[int] | None = None,
