@@ -100,3 +100,19 @@ COORD_COLUMNS: tuple[str, ...] = (
     "study_id", "series_id", "instance_number", "condition", "level", "x", "y",
 )
 SERIES_COLUMNS: tuple[str, ...] = ("study_id", "series_id", "series_description")
+
+# --- Dataset layout (file and folder names of the RSNA 2024 export) -------------------------
+TRAIN_CSV = "train.csv"
+COORDINATES_CSV = "train_label_coordinates.csv"
+SAMPLE_SUBMISSION_CSV = "sample_submission.csv"
+SPLITS: tuple[str, ...] = ("train", "test")
+
+
+def series_descriptions_csv(split: str) -> str:
+    """``train_series_descriptions.csv`` or ``test_series_descriptions.csv``."""
+    return f"{split}_series_descriptions.csv"
+
+
+def images_dir_name(split: str) -> str:
+    """``train_images`` or ``test_images``: ``<study>/<series>/<instance>.dcm`` below it."""
+    return f"{split}_images"
