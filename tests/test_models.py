@@ -10,12 +10,15 @@ import torch
 from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
-from spinegrade.config import ConfigError, load_config
+from spinegrade import choices
+from spinegrade.config import CHOICES, ConfigError, load_config
 from spinegrade.constants import CORAL_PRIOR_LOGITS, NUM_CLASSES, NUM_LEVELS, PRIOR_LOGITS
 from spinegrade.errors import UserError
 from spinegrade.losses import build_loss
 from spinegrade.models import build_model, coral_to_probs, create_backbone
+from spinegrade.models.aggregators import AGGREGATOR_BUILDERS, create_aggregator
 from spinegrade.models.conditioning import LevelEmbedding, LevelFiLM
+from spinegrade.models.heads import HEAD_CLASSES
 
 TINY = "test_efficientnet"
 S, IMG = 7, 32
@@ -371,3 +374,10 @@ def test_feature_size_matches_backbone_output(name):
     model = build_model(cfg.model, n_slices=3)
     logits = model(torch.rand(2, 3, 3, 32, 32), torch.tensor([0, 4]))["logits"]
     assert logits.shape == (2, 3)
+
+
+def test_config_choices_are_what_the_registries_serve():
+    assert tuple(AGGREGATOR_BUILDERS) == choices.AGGREGATORS == CHOICES["model.aggregator"]
+    assert tuple(HEAD_CLASSES) == choices.HEADS == CHOICES["model.head"]
+    with pytest.raises(ValueError, match="unknown aggregator"):
+        create_aggregator("lstm", num_features=8, n_slices=3)

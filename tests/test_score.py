@@ -8,7 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from spinegrade import metrics
+from spinegrade import competition
 from spinegrade.cli import main
 from spinegrade.constants import (
     CONDITIONS,
@@ -32,8 +32,8 @@ def files(tmp_path):
     train.insert(0, "study_id", STUDIES)
     paths = {name: tmp_path / f"{name}.csv" for name in ("train", "solution", "submission")}
     train.to_csv(paths["train"], index=False)
-    metrics.solution_from_train(train).to_csv(paths["solution"], index=False)
-    sub = metrics.uniform_submission(STUDIES)
+    competition.solution_from_train(train).to_csv(paths["solution"], index=False)
+    sub = competition.uniform_submission(STUDIES)
     sub[list(SUBMISSION_COLUMNS[1:])] = rng.dirichlet([1, 1, 1], len(sub))
     sub.to_csv(paths["submission"], index=False)
     return paths
@@ -49,9 +49,9 @@ def test_prints_parts_then_score(files, capsys):
     code, out, _ = run(capsys, files["solution"], files["submission"])
     assert code == 0
     lines = out.strip().splitlines()
-    expected = metrics.competition_score(pd.read_csv(files["solution"]),
+    expected = competition.competition_score(pd.read_csv(files["solution"]),
                                          pd.read_csv(files["submission"]))
-    for line, part in zip(lines, metrics.SCORE_PARTS, strict=False):
+    for line, part in zip(lines, competition.SCORE_PARTS, strict=False):
         assert line.startswith(part) and f"n={expected['n_scored'][part]}" in line
     assert lines[-1].startswith("score: ")
     assert float(lines[-1].split(": ")[1]) == pytest.approx(expected["score"], abs=1e-6)
@@ -61,7 +61,7 @@ def test_json_and_from_train_agree(files, capsys):
     code, out, _ = run(capsys, files["solution"], files["submission"], "--json")
     assert code == 0
     result = json.loads(out)
-    assert set(metrics.SCORE_PARTS) | {"score"} <= set(result)
+    assert set(competition.SCORE_PARTS) | {"score"} <= set(result)
     code, out, _ = run(capsys, "--from-train", files["train"], files["submission"], "--json")
     assert code == 0
     assert json.loads(out)["score"] == pytest.approx(result["score"], abs=1e-12)

@@ -18,7 +18,17 @@ from typing import Any
 
 import yaml
 
-from spinegrade.constants import CLASS_WEIGHTS, CONDITIONS, CORAL_PRIOR_LOGITS, PRIOR_LOGITS
+from spinegrade import choices
+from spinegrade.constants import (
+    AXIAL_T2,
+    CLASS_WEIGHTS,
+    CONDITIONS,
+    CORAL_PRIOR_LOGITS,
+    PRIOR_LOGITS,
+    SAGITTAL_T1,
+    SAGITTAL_T2,
+)
+from spinegrade.io.atomic import atomic_write_text
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
 
@@ -31,7 +41,7 @@ class ConfigError(ValueError):
 class DataConfig:
     """Which labels to use and how DICOM slices become crops (the cache key)."""
 
-    condition: str = "spinal_canal_stenosis"
+    condition: str = CONDITIONS[0]  # spinal canal stenosis
     img_size: int = 224
     n_slices: int = 7
     # Crop half-width in native pixels = crop_radius_scale * img_size ...
@@ -173,7 +183,7 @@ class LocalizerConfig:
     pretrained_path: str = ""
     # Series types to localise (SERIES_DESCRIPTIONS); each gets its own heatmap network with
     # one channel per (condition, level) that CONDITION_SERIES assigns to it.
-    series: tuple[str, ...] = ("Sagittal T2/STIR", "Sagittal T1", "Axial T2")
+    series: tuple[str, ...] = (SAGITTAL_T2, SAGITTAL_T1, AXIAL_T2)
     img_size: int = 256
     n_context_slices: int = 3
     # Per-series intensity percentiles mapped to [0, 1] before the network.
@@ -247,26 +257,24 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
-# Allowed values of the string options; checked when a config is built.
+# Allowed values of the string options; checked when a config is built. Each list is the
+# one its registry serves (spinegrade.choices).
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.condition": CONDITIONS,
-    "data.window_preset": ("fixed", "percentile"),
-    "data.resize_interpolation": ("area", "linear"),
-    "model.input_mode": ("slices", "channels"),
-    "model.aggregator": (
-        "softmax_weights", "bilstm_attn_mean", "bigru_attn", "attention_mil",
-        "bilstm_attention", "none",
-    ),
-    "model.level_conditioning": ("embedding", "film", "none"),
-    "model.slice_channel": ("first", "mean"),
-    "model.head": ("softmax", "coral"),
-    "model.bias_init": ("fixed", "log_prior", "zero"),
-    "loss.name": ("weighted_ce", "coral_ce", "focal_ordinal"),
-    "train.sampler": ("shuffle", "weighted"),
-    "train.select_metric": ("balanced_accuracy", "weighted_logloss", "val_loss"),
-    "train.dead_class_action": ("warn", "reset_bias", "stop"),
-    "predict.fallback": ("prior",),
-    "predict.checkpoint": ("final", "best", "last", "swa"),
+    "data.window_preset": choices.WINDOW_PRESETS,
+    "data.resize_interpolation": choices.RESIZE_INTERPOLATIONS,
+    "model.input_mode": choices.INPUT_MODES,
+    "model.aggregator": choices.AGGREGATORS,
+    "model.level_conditioning": choices.LEVEL_CONDITIONINGS,
+    "model.slice_channel": choices.SLICE_CHANNELS,
+    "model.head": choices.HEADS,
+    "model.bias_init": choices.BIAS_INITS,
+    "loss.name": choices.LOSSES,
+    "train.sampler": choices.SAMPLERS,
+    "train.select_metric": choices.SELECT_METRICS,
+    "train.dead_class_action": choices.DEAD_CLASS_ACTIONS,
+    "predict.fallback": choices.PREDICT_FALLBACKS,
+    "predict.checkpoint": choices.PREDICT_CHECKPOINTS,
 }
 
 # --- loading ---------------------------------------------------------------------------------
@@ -453,8 +461,6 @@ def config_to_yaml(cfg: Config) -> str:
 
 def save_config(cfg: Config, out_dir: str | Path) -> Path:
     """Write ``config.yaml`` into ``out_dir`` atomically and return its path."""
-    from spinegrade.io.atomic import atomic_write_text
-
     path = Path(out_dir) / "config.yaml"
     atomic_write_text(path, config_to_yaml(cfg))
     return path

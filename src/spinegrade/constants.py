@@ -5,24 +5,72 @@ Every other module imports these names; none repeats the literals.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+# --- Series ---------------------------------------------------------------------------------
+SAGITTAL_T1 = "Sagittal T1"
+SAGITTAL_T2 = "Sagittal T2/STIR"
+AXIAL_T2 = "Axial T2"
+SERIES_DESCRIPTIONS: tuple[str, ...] = (SAGITTAL_T1, SAGITTAL_T2, AXIAL_T2)
+SAGITTAL, AXIAL = "sagittal", "axial"
+# Imaging plane of each series type.
+SERIES_PLANE: dict[str, str] = {SAGITTAL_T1: SAGITTAL, SAGITTAL_T2: SAGITTAL, AXIAL_T2: AXIAL}
+
+
+def is_sagittal(series_description: str) -> bool:
+    """Whether a series type (one of ``SERIES_DESCRIPTIONS``) is imaged sagittally."""
+    return SERIES_PLANE.get(series_description) == SAGITTAL
+
+
 # --- Conditions ------------------------------------------------------------------------------
-# Column-name form, as in train.csv and submission row ids.
-CONDITIONS: tuple[str, ...] = (
-    "spinal_canal_stenosis",
-    "left_neural_foraminal_narrowing",
-    "right_neural_foraminal_narrowing",
-    "left_subarticular_stenosis",
-    "right_subarticular_stenosis",
+@dataclass(frozen=True)
+class Condition:
+    """Every fact about one graded condition.
+
+    Attributes:
+        name: column-name form, as in train.csv and submission row ids.
+        title: title-case form, as in train_label_coordinates.csv.
+        abbrev: short label for figures.
+        series: the series type (``SERIES_DESCRIPTIONS``) that carries its labels.
+        group: the part of the competition metric that scores it.
+        balance: real class balance (Normal/Mild, Moderate, Severe), from FACTS.md; the
+            synthetic generator's default and the predictor's fallback prior.
+    """
+
+    name: str
+    title: str
+    abbrev: str
+    series: str
+    group: str
+    balance: tuple[float, float, float]
+
+
+# In train.csv column order; the metric groups appear in report order.
+CONDITION_TABLE: tuple[Condition, ...] = (
+    Condition("spinal_canal_stenosis", "Spinal Canal Stenosis", "SCS",
+              SAGITTAL_T2, "spinal", (0.878, 0.075, 0.048)),
+    Condition("left_neural_foraminal_narrowing", "Left Neural Foraminal Narrowing", "L-NFN",
+              SAGITTAL_T1, "foraminal", (0.778, 0.182, 0.040)),
+    Condition("right_neural_foraminal_narrowing", "Right Neural Foraminal Narrowing", "R-NFN",
+              SAGITTAL_T1, "foraminal", (0.781, 0.180, 0.039)),
+    Condition("left_subarticular_stenosis", "Left Subarticular Stenosis", "L-SS",
+              AXIAL_T2, "subarticular", (0.714, 0.191, 0.095)),
+    Condition("right_subarticular_stenosis", "Right Subarticular Stenosis", "R-SS",
+              AXIAL_T2, "subarticular", (0.714, 0.190, 0.096)),
 )
-# Title-case form, as in train_label_coordinates.csv.
-CONDITION_TITLES: dict[str, str] = {
-    "spinal_canal_stenosis": "Spinal Canal Stenosis",
-    "left_neural_foraminal_narrowing": "Left Neural Foraminal Narrowing",
-    "right_neural_foraminal_narrowing": "Right Neural Foraminal Narrowing",
-    "left_subarticular_stenosis": "Left Subarticular Stenosis",
-    "right_subarticular_stenosis": "Right Subarticular Stenosis",
-}
+# Views of the table, for callers that need one fact of every condition.
+CONDITIONS: tuple[str, ...] = tuple(c.name for c in CONDITION_TABLE)
+CONDITION_TITLES: dict[str, str] = {c.name: c.title for c in CONDITION_TABLE}
 TITLE_TO_CONDITION: dict[str, str] = {v: k for k, v in CONDITION_TITLES.items()}
+CONDITION_ABBREVIATIONS: dict[str, str] = {c.name: c.abbrev for c in CONDITION_TABLE}
+# Which series type carries each condition's labels.
+CONDITION_SERIES: dict[str, str] = {c.name: c.series for c in CONDITION_TABLE}
+# Groups scored separately by the competition metric, then averaged with any_severe_spinal.
+CONDITION_GROUPS: dict[str, tuple[str, ...]] = {
+    g: tuple(c.name for c in CONDITION_TABLE if c.group == g)
+    for g in dict.fromkeys(c.group for c in CONDITION_TABLE)
+}
+CLASS_BALANCE: dict[str, tuple[float, float, float]] = {c.name: c.balance for c in CONDITION_TABLE}
 
 # --- Levels ------------------------------------------------------------------------------
 LEVELS: tuple[str, ...] = ("l1_l2", "l2_l3", "l3_l4", "l4_l5", "l5_s1")
@@ -31,10 +79,12 @@ LEVEL_TITLE_TO_INDEX: dict[str, int] = {t: i for i, t in enumerate(LEVEL_TITLES)
 NUM_LEVELS = len(LEVELS)
 
 # --- Severities ----------------------------------------------------------------------------
+# Label text, as in train.csv cells.
 SEVERITIES: tuple[str, ...] = ("Normal/Mild", "Moderate", "Severe")
 SEVERITY_TO_INDEX: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
-# Short names for plots, tables and log lines.
-CLASS_NAMES: tuple[str, ...] = ("normal_mild", "moderate", "severe")
+# Identifier form (normal_mild, moderate, severe): the submission's probability columns, and
+# the keys of plots, tables and log lines.
+CLASS_NAMES: tuple[str, ...] = tuple(s.lower().replace("/", "_") for s in SEVERITIES)
 NUM_CLASSES = len(SEVERITIES)
 # Competition sample weights by true severity; also the loss's class weights.
 CLASS_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0)
@@ -43,36 +93,12 @@ PRIOR_LOGITS: tuple[float, ...] = (2.0, -2.5, -3.0)
 # v6 CORAL head bias at initialisation: logits of P(Y>0), P(Y>1).
 CORAL_PRIOR_LOGITS: tuple[float, ...] = (-2.0, -2.95)
 
-# --- Series ---------------------------------------------------------------------------------
-SERIES_DESCRIPTIONS: tuple[str, ...] = ("Sagittal T1", "Sagittal T2/STIR", "Axial T2")
-# Which series type carries each condition's labels.
-CONDITION_SERIES: dict[str, str] = {
-    "spinal_canal_stenosis": "Sagittal T2/STIR",
-    "left_neural_foraminal_narrowing": "Sagittal T1",
-    "right_neural_foraminal_narrowing": "Sagittal T1",
-    "left_subarticular_stenosis": "Axial T2",
-    "right_subarticular_stenosis": "Axial T2",
-}
-
 # --- Submission and metric ------------------------------------------------------------------
-SUBMISSION_COLUMNS: tuple[str, ...] = ("row_id", "normal_mild", "moderate", "severe")
+SUBMISSION_COLUMNS: tuple[str, ...] = ("row_id", *CLASS_NAMES)
 SOLUTION_WEIGHT_COLUMN = "sample_weight"
-# Groups scored separately by the competition metric, then averaged with any_severe_spinal.
-CONDITION_GROUPS: dict[str, tuple[str, ...]] = {
-    "spinal": ("spinal_canal_stenosis",),
-    "foraminal": ("left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"),
-    "subarticular": ("left_subarticular_stenosis", "right_subarticular_stenosis"),
-}
 ANY_SEVERE_SPINAL = "any_severe_spinal"
 
-# --- Real class balance (FACTS.md), used as the synthetic generator's default ------------
-CLASS_BALANCE: dict[str, tuple[float, float, float]] = {
-    "spinal_canal_stenosis": (0.878, 0.075, 0.048),
-    "left_neural_foraminal_narrowing": (0.778, 0.182, 0.040),
-    "right_neural_foraminal_narrowing": (0.781, 0.180, 0.039),
-    "left_subarticular_stenosis": (0.714, 0.191, 0.095),
-    "right_subarticular_stenosis": (0.714, 0.190, 0.096),
-}
+# --- Real class balance (FACTS.md), per level ------------------------------------------------
 # Spinal canal stenosis counts per level (Normal/Mild, Moderate, Severe) on the real data.
 SPINAL_LEVEL_COUNTS: dict[str, tuple[int, int, int]] = {
     "l1_l2": (1886, 67, 21),

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from spinegrade.cli import add_config_args
 from spinegrade.config import config_to_yaml, load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from spinegrade.cli import add_config_args
-
     p = sub.add_parser(
         "config", help="print the resolved config (file + overrides) as YAML",
         description="Load a config file, apply --set overrides, validate, and print the result.",

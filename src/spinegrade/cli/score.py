@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from spinegrade.competition import SCORE_PARTS, competition_score, solution_from_train
 from spinegrade.constants import ANY_SEVERE_SPINAL
 from spinegrade.errors import UserError
 
@@ -65,8 +66,6 @@ def read_csv(path: str | Path, what: str, **kwargs) -> pd.DataFrame:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinegrade.metrics import SCORE_PARTS, competition_score, solution_from_train
-
     if (args.solution is None) == (args.from_train is None):
         raise UserError("give exactly one of SOLUTION.csv or --from-train TRAIN.csv "
                         "(then SUBMISSION.csv)")

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from spinegrade.constants import CONDITIONS, SEVERITIES
+from spinegrade.data.synthetic import SynthOptions, generate
 from spinegrade.errors import UserError
 
 DESCRIPTION = """\
@@ -78,8 +79,6 @@ def parse_balance(items: list[str]) -> dict[str, tuple[float, ...]] | None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinegrade.data.synthetic import SynthOptions, generate
-
     if args.max_matrix is not None and args.max_matrix < 32:
         raise UserError(f"--max-matrix must be at least 32, got {args.max_matrix}")
     preview = None

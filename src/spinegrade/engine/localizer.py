@@ -39,6 +39,7 @@ from spinegrade.constants import (
     LEVELS,
     SERIES_DESCRIPTIONS,
     TITLE_TO_CONDITION,
+    is_sagittal,
 )
 from spinegrade.data.rsna import Problem, write_problems
 from spinegrade.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
@@ -521,7 +522,7 @@ def locate_series(model: HeatmapLocalizer, series: PreparedSeries, lcfg: Localiz
     hm = heatmaps(model, series, lcfg.n_context_slices, device).numpy()
     stride, r = lcfg.heatmap_stride, lcfg.refine_radius
     cells: dict[int, tuple[int, int]] = {}
-    if lcfg.ordered_levels and task is not None and task.series_description.startswith("Sagittal"):
+    if lcfg.ordered_levels and task is not None and is_sagittal(task.series_description):
         for cond in dict.fromkeys(c for c, _ in task.keypoints):
             chans = [k for k, (c, _) in enumerate(task.keypoints) if c == cond]
             cells.update(ordered_level_cells(hm, chans, series, stride) or {})

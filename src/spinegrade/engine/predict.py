@@ -25,15 +25,18 @@ import numpy as np
 import pandas as pd
 import torch
 
+from spinegrade.competition import class_prior
 from spinegrade.config import Config, PredictConfig, config_from_dict
 from spinegrade.constants import (
+    AXIAL_T2,
     CLASS_BALANCE,
     CLASS_NAMES,
-    CLASS_WEIGHTS,
     CONDITION_SERIES,
     CONDITIONS,
     LEVELS,
     NUM_CLASSES,
+    SAGITTAL_T1,
+    SAGITTAL_T2,
     SERIES_DESCRIPTIONS,
     SUBMISSION_COLUMNS,
     row_id,
@@ -54,16 +57,9 @@ _log = logging.getLogger(__name__)
 
 
 def prior_probs(counts: np.ndarray, reweight: bool) -> np.ndarray:
-    """Class frequencies from counts (..., 3), optionally times ``CLASS_WEIGHTS``, normalised.
-
-    Reweighting gives the constant that minimises the competition's weighted log loss, which
-    is also what a classifier trained with class weights [1, 2, 4] outputs when it knows
-    nothing about the image.
-    """
-    p = np.asarray(counts, dtype=np.float64) + 1e-9
-    if reweight:
-        p = p * np.asarray(CLASS_WEIGHTS)
-    return p / p.sum(axis=-1, keepdims=True)
+    """:func:`~spinegrade.competition.class_prior` of counts (..., 3), with a tiny pseudo
+    count so that a class never seen in training keeps a non-zero probability."""
+    return class_prior(counts, reweight=reweight, pseudo_count=1e-9)
 
 
 def default_prior(condition: str, reweight: bool) -> np.ndarray:
@@ -234,12 +230,12 @@ def series_type(description: str, orientation: str = "") -> str | None:
         return description
     d = description.lower()
     if "ax" in d or orientation == "AX":
-        return "Axial T2"
+        return AXIAL_T2
     if "sag" in d or orientation == "SAG":
         if "stir" in d or "t2" in d:
-            return "Sagittal T2/STIR"
+            return SAGITTAL_T2
         if "t1" in d:
-            return "Sagittal T1"
+            return SAGITTAL_T1
     return None
 
 

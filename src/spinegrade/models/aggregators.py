@@ -6,6 +6,8 @@ each slice received (or None), so the net can expose it for plotting.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
@@ -123,6 +125,18 @@ class Identity(nn.Module):
         return x, None
 
 
+# model.aggregator -> builder(num_features, n_slices, hidden, num_heads, centre_weight_init);
+# the names are spinegrade.choices.AGGREGATORS, which config validation uses.
+AGGREGATOR_BUILDERS: dict[str, Callable[[int, int, int, int, float], nn.Module]] = {
+    "softmax_weights": lambda f, s, h, nh, c: SliceAggregator(f, s, c),
+    "bilstm_attn_mean": lambda f, s, h, nh, c: RecurrentSelfAttentionMean(f, h, nh),
+    "bigru_attn": lambda f, s, h, nh, c: RecurrentAttentionPool(f, h, cell="gru", gated=False),
+    "attention_mil": lambda f, s, h, nh, c: AttentionPool(f, h, gated=True),
+    "bilstm_attention": lambda f, s, h, nh, c: RecurrentAttentionPool(f, h, cell="lstm", gated=True),
+    "none": lambda f, s, h, nh, c: Identity(f),
+}
+
+
 def create_aggregator(
     name: str,
     *,
@@ -133,16 +147,6 @@ def create_aggregator(
     centre_weight_init: float = 1.0,
 ) -> nn.Module:
     """Build an aggregator by name (``model.aggregator``); see ``docs/models.md``."""
-    if name == "softmax_weights":
-        return SliceAggregator(num_features, n_slices, centre_weight_init)
-    if name == "bilstm_attn_mean":
-        return RecurrentSelfAttentionMean(num_features, hidden, num_heads)
-    if name == "bigru_attn":
-        return RecurrentAttentionPool(num_features, hidden, cell="gru", gated=False)
-    if name == "attention_mil":
-        return AttentionPool(num_features, hidden, gated=True)
-    if name == "bilstm_attention":
-        return RecurrentAttentionPool(num_features, hidden, cell="lstm", gated=True)
-    if name == "none":
-        return Identity(num_features)
-    raise ValueError(f"unknown aggregator '{name}'")
+    if name not in AGGREGATOR_BUILDERS:
+        raise ValueError(f"unknown aggregator '{name}'")
+    return AGGREGATOR_BUILDERS[name](num_features, n_slices, hidden, num_heads, centre_weight_init)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import timm
 import torch
+from safetensors.torch import load_file
 from timm.models import adapt_input_conv
 from torch import nn
 
@@ -141,8 +142,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise UserError(f"model.pretrained_path: file not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         obj: object = load_file(str(path), device="cpu")
     else:
         try:

@@ -123,3 +123,7 @@ class CoralHead(nn.Module):
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """Valid (B, K) class distribution from the (B, K-1) logits."""
         return coral_to_probs(logits)
+
+
+# model.head -> head class; the names are spinegrade.choices.HEADS, which config validation uses.
+HEAD_CLASSES: dict[str, type[nn.Module]] = {"softmax": ClassifierHead, "coral": CoralHead}

@@ -20,7 +20,7 @@ from spinegrade.constants import NUM_CLASSES, NUM_LEVELS
 from spinegrade.models.aggregators import SliceAggregator, create_aggregator
 from spinegrade.models.backbone import BackboneWeights, Normalize, backbone_feature_dim
 from spinegrade.models.conditioning import LevelEmbedding, LevelFiLM
-from spinegrade.models.heads import ClassifierHead, CoralHead
+from spinegrade.models.heads import HEAD_CLASSES
 
 
 class SpineGrader(nn.Module):
@@ -100,7 +100,7 @@ class SpineGrader(nn.Module):
         self.embed = (LevelEmbedding(num_levels, level_embed_dim)
                       if level_conditioning == "embedding" else None)
         head_in = self.embed.out_features(pooled) if self.embed is not None else pooled
-        head_cls = {"softmax": ClassifierHead, "coral": CoralHead}[head]
+        head_cls = HEAD_CLASSES[head]
         self.head = head_cls(head_in, num_classes, prior_bias, hidden=head_hidden, dropout=dropout)
         self.aux_level = nn.Linear(self.num_features, num_levels) if aux_heads else None
         self.aux_slice = (nn.Linear(self.num_features, 1)

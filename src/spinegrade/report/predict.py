@@ -11,13 +11,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spinegrade.constants import LEVEL_TITLES, SEVERITIES  # noqa: E402
+from spinegrade.constants import (  # noqa: E402
+    CONDITION_ABBREVIATIONS,
+    CONDITIONS,
+    LEVEL_TITLES,
+    SEVERITIES,
+)
 from spinegrade.report.localizer import LEVEL_COLOURS  # noqa: E402
 from spinegrade.report.plots import CLASS_COLOURS, save_figure  # noqa: E402
-
-SHORT = {"spinal_canal_stenosis": "SCS", "left_neural_foraminal_narrowing": "L-NFN",
-         "right_neural_foraminal_narrowing": "R-NFN", "left_subarticular_stenosis": "L-SS",
-         "right_subarticular_stenosis": "R-SS"}
 
 
 def _display(img: np.ndarray) -> np.ndarray:
@@ -62,7 +63,8 @@ def plot_study(result: Any, path: str | Path, max_per_series: int = 3) -> Path:
             p = result.probs[(r.condition, int(r.level_idx))]
             grade = SEVERITIES[int(np.argmax(p))]
             ax.plot(r.x, r.y, "+", color=col, ms=9, mew=1.6)
-            ax.annotate(f"{SHORT.get(r.condition, r.condition)} {grade[:3]}", (r.x, r.y),
+            label = CONDITION_ABBREVIATIONS.get(r.condition, r.condition)
+            ax.annotate(f"{label} {grade[:3]}", (r.x, r.y),
                         xytext=(4, -4), textcoords="offset points", color=col, fontsize=6)
         ax.set_title(f"{vol.series_description or sid}\ninstance {vol.instance_numbers[j]}",
                      fontsize=7)
@@ -75,7 +77,7 @@ def plot_study(result: Any, path: str | Path, max_per_series: int = 3) -> Path:
 
 def _grade_grid(ax: plt.Axes, result: Any) -> None:
     """Level x condition grid coloured by predicted grade; hatched where the prior was used."""
-    conds = list(SHORT)
+    conds = list(CONDITIONS)
     ax.set_xlim(0, len(conds))
     ax.set_ylim(len(LEVEL_TITLES), 0)
     for i, _ in enumerate(LEVEL_TITLES):
@@ -86,6 +88,7 @@ def _grade_grid(ax: plt.Axes, result: Any) -> None:
             ax.add_patch(plt.Rectangle((c, i), 1, 1, color=CLASS_COLOURS[k], alpha=0.35 + 0.6 * p[k],
                                        hatch="//" if prior else None, ec="white"))
             ax.text(c + 0.5, i + 0.5, f"{p[2]:.2f}", ha="center", va="center", fontsize=6)
-    ax.set_xticks(np.arange(len(conds)) + 0.5, [SHORT[c] for c in conds], fontsize=6)
+    ax.set_xticks(np.arange(len(conds)) + 0.5, [CONDITION_ABBREVIATIONS[c] for c in conds],
+                  fontsize=6)
     ax.set_yticks(np.arange(len(LEVEL_TITLES)) + 0.5, LEVEL_TITLES, fontsize=6)
     ax.set_title("grade (colour) and P(severe); hatched = prior", fontsize=7)

@@ -20,6 +20,7 @@ from spinegrade.constants import (
     SERIES_COLUMNS,
 )
 from spinegrade.data.synthetic import labels as L
+from spinegrade.data.synthetic.preview import save_preview
 from spinegrade.data.synthetic.study import StudyResult, StudyTask, SynthOptions, make_study
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
@@ -155,6 +156,36 @@ def _make_tasks(seed: int, n_train: int, n_test: int, out: Path,
     ]
 
 
+def _manifest(seed: int, n_train: int, n_test: int, options: SynthOptions,
+              balance: dict[str, np.ndarray], series: dict[int, dict]) -> dict:
+    """The content of synthetic.json: how the dataset was made, and each series' quirks."""
+    return {
+        "generator": "spinegrade.data.synthetic", "seed": seed, "n_train": n_train,
+        "n_test": n_test, "options": asdict(options),
+        "class_balance": {c: balance[c].round(6).tolist() for c in CONDITIONS},
+        "series": {str(k): v for k, v in series.items()},
+    }
+
+
+def _summarise(out: Path, train: list[StudyResult], test: list[StudyResult],
+               series: dict[int, dict], files: dict[str, Path]) -> SynthSummary:
+    """The SynthSummary of the written studies (all but the preview and the wall time)."""
+    results = train + test
+    summary = SynthSummary(out, [r.study_id for r in train], [r.study_id for r in test])
+    summary.files = files
+    summary.series = series
+    summary.n_series = len(series)
+    summary.n_images = sum(r.n_images for r in results)
+    summary.n_coordinates = sum(len(r.coord_rows) for r in train)
+    grades = np.stack([r.grades for r in results])
+    summary.n_empty = int((grades == L.EMPTY).sum())
+    summary.grade_counts = {
+        c: [int((grades[:, i] == g).sum()) for g in range(NUM_CLASSES)]
+        for i, c in enumerate(CONDITIONS)
+    }
+    return summary
+
+
 def generate(
     out_dir: str | Path,
     n_studies: int,
@@ -201,27 +232,9 @@ def generate(
     results = list(_run(tasks, workers, progress))
     train, test = results[:n_studies], results[n_studies:]
     series = {sid: info for r in results for sid, info in r.series_info.items()}
-    manifest = {
-        "generator": "spinegrade.data.synthetic", "seed": seed, "n_train": n_studies,
-        "n_test": n_test, "options": asdict(options),
-        "class_balance": {c: balance[c].round(6).tolist() for c in CONDITIONS},
-        "series": {str(k): v for k, v in series.items()},
-    }
-    summary = SynthSummary(out, [r.study_id for r in train], [r.study_id for r in test])
-    summary.files = _write_tables(out, train, test, manifest)
-    summary.series = series
-    summary.n_series = len(series)
-    summary.n_images = sum(r.n_images for r in results)
-    summary.n_coordinates = sum(len(r.coord_rows) for r in train)
-    grades = np.stack([r.grades for r in results])
-    summary.n_empty = int((grades == L.EMPTY).sum())
-    summary.grade_counts = {
-        c: [int((grades[:, i] == g).sum()) for g in range(NUM_CLASSES)]
-        for i, c in enumerate(CONDITIONS)
-    }
+    manifest = _manifest(seed, n_studies, n_test, options, balance, series)
+    summary = _summarise(out, train, test, series, _write_tables(out, train, test, manifest))
     if preview is not None:
-        from spinegrade.data.synthetic.preview import save_preview
-
         summary.files["preview"] = save_preview(out, Path(preview))
     summary.seconds = time.perf_counter() - start
     return summary

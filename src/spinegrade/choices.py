@@ -1,0 +1,43 @@
+"""The names each registry serves, written once: the registries dispatch on them and
+``config.CHOICES`` validates against them.
+
+A leaf of plain tuples, so validating a config imports no torch (the registries themselves
+live in torch modules, and ``losses`` imports ``config``, so ``config`` cannot import them).
+"""
+
+from __future__ import annotations
+
+# --- models (registries in models/) ---------------------------------------------------------
+# models/aggregators.py: create_aggregator; "none" = slices are channels (v7).
+AGGREGATORS: tuple[str, ...] = (
+    "softmax_weights", "bilstm_attn_mean", "bigru_attn", "attention_mil",
+    "bilstm_attention", "none",
+)
+# models/net.py: SpineGrader.
+HEADS: tuple[str, ...] = ("softmax", "coral")
+LEVEL_CONDITIONINGS: tuple[str, ...] = ("embedding", "film", "none")
+INPUT_MODES: tuple[str, ...] = ("slices", "channels")
+SLICE_CHANNELS: tuple[str, ...] = ("first", "mean")
+# models/factory.py: head_prior_bias.
+BIAS_INITS: tuple[str, ...] = ("fixed", "log_prior", "zero")
+
+# --- training -------------------------------------------------------------------------------
+# losses.py: build_loss.
+LOSSES: tuple[str, ...] = ("weighted_ce", "coral_ce", "focal_ordinal")
+# engine/loop.py: the training sampler.
+SAMPLERS: tuple[str, ...] = ("shuffle", "weighted")
+# engine/train.py: SELECT_METRICS (which also says whether larger is better).
+SELECT_METRICS: tuple[str, ...] = ("balanced_accuracy", "weighted_logloss", "val_loss")
+# engine/train.py: what a run of dead-class epochs triggers.
+DEAD_CLASS_ACTIONS: tuple[str, ...] = ("warn", "reset_bias", "stop")
+# engine/checkpoint.py: the checkpoint files of a run folder.
+CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
+
+# --- data (registries in data/preprocess.py) -------------------------------------------------
+WINDOW_PRESETS: tuple[str, ...] = ("fixed", "percentile")
+RESIZE_INTERPOLATIONS: tuple[str, ...] = ("area", "linear")
+
+# --- prediction (engine/predict.py) -----------------------------------------------------------
+PREDICT_FALLBACKS: tuple[str, ...] = ("prior",)
+# "final": the checkpoint final.json names, then the files of CHECKPOINT_NAMES.
+PREDICT_CHECKPOINTS: tuple[str, ...] = ("final", *CHECKPOINT_NAMES)
