@@ -44,6 +44,7 @@ def _parse_folds(text: str) -> list[int]:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the engine loads torch, which `spinegrade --help` need not.
     from spinegrade.engine import ablate
     from spinegrade.engine.train import fit
 
@@ -63,6 +64,7 @@ def run(args: argparse.Namespace) -> int:
     table = ablate.write_outputs(runs, args.out)
     print()
     print(ablate.to_markdown(table))
-    print(f"wrote {args.out / 'table.md'}, {args.out / 'table.csv'}, {args.out / 'curves.png'} "
+    print(f"wrote {args.out / ablate.TABLE_MD}, {args.out / ablate.TABLE_CSV}, "
+          f"{args.out / ablate.CURVES_PNG} "
           f"in {time.perf_counter() - start:.0f} s")
     return 0

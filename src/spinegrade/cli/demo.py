@@ -13,12 +13,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from spinegrade.cli import add_config_args
+from spinegrade.config import load_config
+from spinegrade.io.atomic import atomic_write_text
+
 STAGES = ("synth", "prepare", "train", "evaluate", "report")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from spinegrade.cli import add_config_args
-
     p = sub.add_parser(
         "demo", help="end-to-end CPU demo on synthetic data (about 10 minutes on 2 cores)",
         description=(
@@ -63,21 +65,18 @@ def _stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, 
     print(f"[{k}/{len(STAGES)}] {name} ...", flush=True)
     start = time.perf_counter()
     info = {**fn(), "seconds": time.perf_counter() - start}
-    from spinegrade.io.atomic import atomic_write_text
-
     atomic_write_text(marker, json.dumps(info, indent=2))
     print(f"[{k}/{len(STAGES)}] {name}: {info['seconds']:.0f} s", flush=True)
     return info
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinegrade.config import load_config
-
     cfg = load_config(args.config, args.overrides)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, cache_root, run_dir = out / "data", out / "cache", out / "run"
     times: dict[str, float] = {}
+    # Each stage imports its engine on first use: `spinegrade --help` need not load torch.
 
     def synth() -> dict[str, Any]:
         from spinegrade.data.synthetic import SynthOptions, generate

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spinegrade.engine.run_folder import CHECKPOINT_NAMES
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
@@ -19,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="training run folder")
     p.add_argument("--cache", default=None,
                    help="crop cache to score entirely (default: the run's own validation fold)")
-    p.add_argument("--checkpoint", choices=("best", "last", "swa"), default="best",
+    p.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best",
                    help="which checkpoint of the run (default: best)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="score the plain view only")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
@@ -27,6 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here, not at the top: the engine loads torch, which `spinegrade --help` need not.
     from spinegrade.engine.evaluate import evaluate_run
 
     m = evaluate_run(args.run, cache=args.cache, checkpoint=args.checkpoint, tta=args.tta,

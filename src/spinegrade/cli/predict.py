@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
+
+from spinegrade.cli import add_config_args
+from spinegrade.config import config_to_yaml, load_config
+from spinegrade.errors import UserError
+from spinegrade.io.atomic import atomic_write_text
 
 EXAMPLES = """\
 examples:
@@ -14,8 +20,6 @@ examples:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from spinegrade.cli import add_config_args
-
     p = sub.add_parser(
         "predict", help="grade new studies (localise levels, crop, classify) into a submission",
         description=(
@@ -51,22 +55,16 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from spinegrade.config import config_to_yaml, load_config
-    from spinegrade.engine.predict import grade_table, predict
-    from spinegrade.errors import UserError
-    from spinegrade.io.atomic import atomic_write_text
+    # Imported here, not at the top: the engine loads torch, which `spinegrade --help` need not.
+    from spinegrade.engine.predict import config_copy, default_submission, grade_table, predict
 
     if (args.data_dir is None) == (args.study is None):
         raise UserError("give either DATA_DIR or --study DIR (not both)")
     cfg = load_config(args.config, args.overrides)
-    out = args.out or (f"{Path(args.study).name}_submission.csv" if args.study else "submission.csv")
+    out = args.out or default_submission(args.study)
     result = predict(args.classifier, args.localizer, out, cfg.predict, data_dir=args.data_dir,
                      study_dir=args.study, split=args.split, progress=not args.no_progress)
-    # The resolved config beside the submission (named after it: never a user's config.yaml).
-    out_path = Path(out)
-    atomic_write_text(out_path.with_name(f"{out_path.stem}_config.yaml"), config_to_yaml(cfg))
+    atomic_write_text(config_copy(Path(out)), config_to_yaml(cfg))
     if args.study:
         res = result.results[0]
         print(f"study {res.study_id} ({res.seconds:.1f} s):")

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import argparse
 
+from spinegrade.cli import add_config_args
+from spinegrade.config import load_config
+
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from spinegrade.cli import add_config_args
-
     p = sub.add_parser(
         "train", help="train the grader on one fold of a prepared crop cache",
         description=(
@@ -29,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from spinegrade.config import load_config
+    # Imported here, not at the top: the engine loads torch, which `spinegrade --help` need not.
     from spinegrade.engine.train import fit
 
     overrides = list(args.overrides)

@@ -20,9 +20,18 @@ import pandas as pd
 
 from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_NAMES
+from spinegrade.engine.run_folder import RunFolder
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.report.ablate import plot_version_curves
 
 log = logging.getLogger(__name__)
+
+# The comparison folder: runs/<label>/fold<k>/ (run folders) and the summary files.
+RUNS_DIR = "runs"
+TABLE_CSV = "table.csv"
+TABLE_MD = "table.md"
+CURVES_PNG = "curves.png"
+MANIFEST_JSON = "runs.json"
 
 # One change each to v8: (label, overrides, what the change undoes).
 ONE_FACTOR_ABLATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -80,14 +89,14 @@ def plan_runs(
         seen.add(label)
         for fold in folds:
             cfg_fold = load_config(path, [*extra, *overrides, f"data.fold={fold}"], preset=preset)
-            run_dir = out_dir / "runs" / label.replace(":", "__").replace("=", "-") / f"fold{fold}"
+            run_dir = out_dir / RUNS_DIR / label.replace(":", "__").replace("=", "-") / f"fold{fold}"
             runs.append(PlannedRun(label, fold, cfg_fold, run_dir, change))
     return runs
 
 
 def run_is_finished(run_dir: Path, epochs: int) -> bool:
     """True when the run's metrics.csv holds every epoch (so training need not run again)."""
-    path = run_dir / "metrics.csv"
+    path = RunFolder(run_dir).metrics
     if not path.is_file():
         return False
     metrics = pd.read_csv(path)
@@ -177,7 +186,7 @@ def build_table(runs: Sequence[PlannedRun]) -> pd.DataFrame:
     rows = []
     for label in dict.fromkeys(r.label for r in runs):
         group = [r for r in runs if r.label == label]
-        summaries = [summarize_run(pd.read_csv(r.run_dir / "metrics.csv")) for r in group]
+        summaries = [summarize_run(_read_metrics(r)) for r in group]
         bas = np.array([s["best_ba"] for s in summaries])
         row = {
             "Version": label,
@@ -204,17 +213,19 @@ def to_markdown(table: pd.DataFrame) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _read_metrics(run: PlannedRun) -> pd.DataFrame:
+    return pd.read_csv(RunFolder(run.run_dir).metrics)
+
+
 def write_outputs(runs: Sequence[PlannedRun], out_dir: Path) -> pd.DataFrame:
     """Write table.csv, table.md, curves.png and runs.json into ``out_dir``."""
-    from spinegrade.report.ablate import plot_version_curves
-
     table = build_table(runs)
-    atomic_write_text(out_dir / "table.csv", table.to_csv(index=False))
-    atomic_write_text(out_dir / "table.md", to_markdown(table))
-    curves = {label: [pd.read_csv(r.run_dir / "metrics.csv") for r in runs if r.label == label]
+    atomic_write_text(out_dir / TABLE_CSV, table.to_csv(index=False))
+    atomic_write_text(out_dir / TABLE_MD, to_markdown(table))
+    curves = {label: [_read_metrics(r) for r in runs if r.label == label]
               for label in dict.fromkeys(r.label for r in runs)}
-    plot_version_curves(curves, out_dir / "curves.png")
+    plot_version_curves(curves, out_dir / CURVES_PNG)
     manifest = [dict(label=r.label, fold=r.fold, run_dir=str(r.run_dir), change=r.change)
                 for r in runs]
-    atomic_write_text(out_dir / "runs.json", json.dumps(manifest, indent=2))
+    atomic_write_text(out_dir / MANIFEST_JSON, json.dumps(manifest, indent=2))
     return table

@@ -2,7 +2,8 @@
 
 A checkpoint holds only tensors and primitive containers, so loading never unpickles code:
 model (and optimizer, SWA, schedule) state, epoch, RNG states, the resolved config as a
-dict, class names and a format version.
+dict, class names and a format version. What the payload holds, and where each checkpoint
+lives in a run folder, is :mod:`spinegrade.engine.run_folder`'s.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
 
 FORMAT_VERSION = 1
-CHECKPOINT_NAMES = ("best", "last", "swa")
 
 
 def save_checkpoint(path: str | Path, payload: dict[str, Any]) -> Path:
@@ -47,13 +47,6 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if tuple(ckpt.get("class_names", ())) != CLASS_NAMES:
         raise UserError(f"{path}: class names {ckpt.get('class_names')} differ from {CLASS_NAMES}")
     return ckpt
-
-
-def checkpoint_path(run_dir: str | Path, name: str) -> Path:
-    """``run_dir/checkpoints/<name>.pt`` for name in best / last / swa."""
-    if name not in CHECKPOINT_NAMES:
-        raise UserError(f"unknown checkpoint '{name}'; choose one of {', '.join(CHECKPOINT_NAMES)}")
-    return Path(run_dir) / "checkpoints" / f"{name}.pt"
 
 
 def rng_state(loader_generator: torch.Generator | None = None) -> dict[str, Any]:

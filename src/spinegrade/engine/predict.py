@@ -7,7 +7,8 @@ preprocessing config (so runs trained at different crop sizes combine correctly)
 with TTA, and average the runs of a condition in probability space (optionally weighted).
 Conditions without a classifier, and levels that cannot be located, get prior
 probabilities; a study whose series is missing or unreadable still gets all 25 rows, and
-every such case is listed in ``problems.csv`` next to the submission.
+every such case is listed in ``problems.csv`` next to the submission. Reading and localising
+the studies is :mod:`spinegrade.engine.studies`; its public names are re-exported here.
 """
 
 from __future__ import annotations
@@ -18,39 +19,58 @@ import logging
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
 from spinegrade.competition import class_prior
-from spinegrade.config import Config, PredictConfig, config_from_dict
+from spinegrade.config import Config, PredictConfig
 from spinegrade.constants import (
-    AXIAL_T2,
     CLASS_BALANCE,
     CLASS_NAMES,
-    CONDITION_SERIES,
     CONDITIONS,
     LEVELS,
     NUM_CLASSES,
-    SAGITTAL_T1,
-    SAGITTAL_T2,
-    SERIES_DESCRIPTIONS,
+    SEVERITIES,
     SUBMISSION_COLUMNS,
     row_id,
 )
+from spinegrade.data.cache import PROBLEMS_FILE, CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
 from spinegrade.data.rsna import Problem, write_problems
-from spinegrade.engine.checkpoint import CHECKPOINT_NAMES, checkpoint_path, load_checkpoint
 from spinegrade.engine.localizer import LocalizerRun, resolve_device
+from spinegrade.engine.run_folder import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_NAMES,
+    RunFolder,
+    read_checkpoint,
+)
+from spinegrade.engine.studies import (
+    StudyInput,
+    _int,
+    locate_levels,
+    read_volumes,
+    series_type,
+    studies_from_dataset,
+    study_from_folder,
+)
 from spinegrade.engine.tta import predict_views, tta_views
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
-from spinegrade.io.dicom import Volume, read_series
+from spinegrade.io.dicom import Volume
+from spinegrade.models import build_model
+from spinegrade.report.predict import plot_study
 
 _log = logging.getLogger(__name__)
+
+# What `predict` writes beside its submission CSV (with problems.csv).
+SUBMISSION_FILE = "submission.csv"
+LOCATIONS_FILE = "locations.csv"
+STUDIES_FILE = "studies.csv"
 
 
 # --- priors --------------------------------------------------------------------------------------
@@ -74,15 +94,11 @@ def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bo
     The labels come from the run's crop cache (``run.json``) restricted to the studies that
     ``split.csv`` puts outside the validation fold.
     """
-    import json
-
-    info_path = run_dir / "run.json"
+    run = RunFolder(run_dir)
     try:
-        from spinegrade.data.cache import CropCache
-
-        info = json.loads(info_path.read_text())
+        info = json.loads(run.run_info.read_text())
         index = CropCache.open(info["cache"]).index
-        split = pd.read_csv(run_dir / "split.csv")
+        split = pd.read_csv(run.split)
         fold = info.get("fold", fold) if fold is None else fold
         val = set(split.loc[split["fold"] == fold, "study_id"].astype(str))
         train = index[~index["study_id"].astype(str).isin(val)]
@@ -111,16 +127,6 @@ def parse_classifier_spec(spec: str) -> tuple[Path, float]:
     if weight <= 0:
         raise UserError(f"--classifier {spec}: the weight must be positive")
     return path, weight
-
-
-def final_checkpoint(run: Path) -> str:
-    """The checkpoint a run names as its final model in final.json (SWA when it ran), else best."""
-    info = run / "final.json"
-    if info.is_file():
-        name = json.loads(info.read_text()).get("final_checkpoint")
-        if name in CHECKPOINT_NAMES:
-            return name
-    return "best"
 
 
 @dataclass
@@ -153,26 +159,23 @@ class ClassifierRun:
     def load(cls, path: Path, weight: float, pcfg: PredictConfig, device: torch.device
              ) -> ClassifierRun:
         """Load a run's checkpoint (``predict.checkpoint``, else the others) and config."""
-        from spinegrade.models import build_model
-
-        first = final_checkpoint(path) if pcfg.checkpoint == "final" else pcfg.checkpoint
+        run = RunFolder(path)
+        first = run.final_checkpoint() if pcfg.checkpoint == "final" else pcfg.checkpoint
         order = [first] + [n for n in CHECKPOINT_NAMES if n != first]
-        ck_path = next((checkpoint_path(path, n) for n in order
-                        if checkpoint_path(path, n).is_file()), None)
+        ck_path = next((run.checkpoint(n) for n in order if run.checkpoint(n).is_file()), None)
         if ck_path is None:
-            raise UserError(f"{path}: no checkpoints/{{best,last,swa}}.pt; is it a training run?")
-        ck = load_checkpoint(ck_path, map_location=device)
-        if ck.get("kind") == "localizer" or "config" not in ck:
-            raise UserError(f"{ck_path}: not a classifier checkpoint")
-        cfg = config_from_dict(ck["config"])
+            raise UserError(f"{path}: no {CHECKPOINT_DIR}/{{{','.join(CHECKPOINT_NAMES)}}}.pt; "
+                            "is it a training run?")
+        ck = read_checkpoint(ck_path, map_location=device)
+        cfg = ck.cfg
         mcfg = dataclasses.replace(cfg.model, pretrained=False, pretrained_path="")
         model = build_model(mcfg, n_slices=cfg.data.n_slices, num_classes=NUM_CLASSES)
-        model.load_state_dict(ck["model"])
+        model.load_state_dict(ck.model)
         model.to(device).eval()
         ecfg = cfg.eval
         views = (tta_views(ecfg.tta_brightness, ecfg.tta_scales) if pcfg.tta else tta_views())
         cond = cfg.data.condition
-        prior = training_prior(path, cond, ck.get("fold"), pcfg.prior_reweight)
+        prior = training_prior(path, cond, ck.fold, pcfg.prior_reweight)
         if prior is None:
             prior = default_prior(cond, pcfg.prior_reweight)
         return cls(path, weight, cfg, cond, model, build_cropper(cfg.data), views, prior, device,
@@ -213,79 +216,6 @@ def load_classifiers(specs: Sequence[str], pcfg: PredictConfig, device: torch.de
     return runs
 
 
-# --- studies -------------------------------------------------------------------------------------
-
-
-@dataclass
-class StudyInput:
-    """One study to predict: its id and its series as (series_id, description, folder)."""
-
-    study_id: str
-    series: list[tuple[str, str, Path]] = field(default_factory=list)
-
-
-def series_type(description: str, orientation: str = "") -> str | None:
-    """Map a DICOM SeriesDescription (and orientation label) to one of SERIES_DESCRIPTIONS."""
-    if description in SERIES_DESCRIPTIONS:
-        return description
-    d = description.lower()
-    if "ax" in d or orientation == "AX":
-        return AXIAL_T2
-    if "sag" in d or orientation == "SAG":
-        if "stir" in d or "t2" in d:
-            return SAGITTAL_T2
-        if "t1" in d:
-            return SAGITTAL_T1
-    return None
-
-
-def studies_from_dataset(data_dir: Path, split: str = "test") -> list[StudyInput]:
-    """Studies listed in ``{split}_series_descriptions.csv``; images in ``{split}_images``."""
-    csv = data_dir / f"{split}_series_descriptions.csv"
-    if not csv.is_file():
-        raise UserError(f"{csv} not found: DATA_DIR must hold {split}_series_descriptions.csv "
-                        f"and {split}_images/ (or use --study for one study folder)")
-    df = pd.read_csv(csv, dtype=str).dropna(subset=["study_id"])
-    images = data_dir / f"{split}_images"
-    studies: dict[str, StudyInput] = {}
-    for r in df.itertuples():
-        st = studies.setdefault(r.study_id, StudyInput(r.study_id))
-        if isinstance(r.series_id, str) and r.series_id:
-            desc = str(r.series_description)
-            st.series.append((r.series_id, series_type(desc) or desc,
-                              images / r.study_id / r.series_id))
-    return list(studies.values())
-
-
-def study_from_folder(folder: Path) -> tuple[StudyInput, list[Problem]]:
-    """One study folder of series folders; series types from their DICOM headers."""
-    if not folder.is_dir():
-        raise UserError(f"--study {folder}: not a folder")
-    problems: list[Problem] = []
-    st = StudyInput(folder.name)
-    for sub in sorted(p for p in folder.iterdir() if p.is_dir()):
-        try:
-            vol = read_series(sub, load_pixels=False)
-        except (UserError, OSError) as e:
-            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
-                                    "unreadable_series", "skipped", str(e)))
-            continue
-        desc = series_type(vol.series_description, vol.orientation_label)
-        if desc is None:
-            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
-                                    "unknown_series_type", "skipped",
-                                    f"SeriesDescription '{vol.series_description}' "
-                                    f"({vol.orientation_label}) is not one of "
-                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
-            continue
-        st.series.append((sub.name, desc, sub))
-    return st, problems
-
-
-def _int(text: str) -> int:
-    return int(text) if str(text).isdigit() else -1
-
-
 # --- one study -----------------------------------------------------------------------------------
 
 
@@ -308,53 +238,6 @@ class StudyResult:
     located: pd.DataFrame
     volumes: dict[str, Volume]
     seconds: float = 0.0
-
-
-def _read_volumes(st: StudyInput, problems: list[Problem]) -> dict[str, tuple[str, Volume]]:
-    """series id -> (description, Volume); missing or unreadable series become problems."""
-    out: dict[str, tuple[str, Volume]] = {}
-    for sid, desc, folder in st.series:
-        if not folder.is_dir():
-            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
-                                    "missing_series", "skipped", "series folder not found"))
-            continue
-        try:
-            out[sid] = (desc, read_series(folder))
-        except (UserError, OSError, ValueError) as e:
-            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
-                                    "unreadable_series", "skipped", str(e)))
-    present = {d for d, _ in out.values()}
-    for desc in sorted(set(CONDITION_SERIES.values()) - present):
-        problems.append(Problem(_int(st.study_id), -1, "", -1, "no_series", "warning",
-                                f"no readable {desc} series: its conditions get the prior"))
-    return out
-
-
-def _locate(localizer: LocalizerRun, st: StudyInput, volumes: dict[str, tuple[str, Volume]],
-            problems: list[Problem]) -> pd.DataFrame:
-    """Localizer rows for the study, with the real series ids."""
-    keys = list(volumes)
-    prepared = []
-    for k, sid in enumerate(keys):
-        desc, vol = volumes[sid]
-        if desc not in localizer.series_descriptions:
-            continue
-        try:
-            prepared.append((desc, localizer.prepare(vol, _int(st.study_id), k)))
-        except (ValueError, cv2_error()) as e:
-            problems.append(Problem(_int(st.study_id), _int(sid), str(vol.path), -1,
-                                    "localizer_failed", "skipped", str(e)))
-    located = localizer.locate(prepared)
-    located["series_id"] = [keys[int(k)] for k in located["series_id"]]
-    located["study_id"] = st.study_id
-    return located
-
-
-def cv2_error() -> type[Exception]:
-    """OpenCV's exception type (cv2.error), for except clauses."""
-    import cv2
-
-    return cv2.error
 
 
 def _grade_condition(cond: str, runs: Sequence[ClassifierRun], located: pd.DataFrame,
@@ -391,8 +274,8 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
                   pcfg: PredictConfig, problems: list[Problem]) -> StudyResult:
     """All 25 (condition, level) predictions of one study; never raises on bad input data."""
     start = time.perf_counter()
-    volumes = _read_volumes(st, problems)
-    located = _locate(localizer, st, volumes, problems)
+    volumes = read_volumes(st, problems)
+    located = locate_levels(localizer, st, volumes, problems)
     probs: dict[tuple[str, int], np.ndarray] = {}
     source: dict[tuple[str, int], str] = {}
     for cond in CONDITIONS:
@@ -434,8 +317,6 @@ def submission_rows(result: StudyResult) -> list[dict]:
 
 def grade_table(result: StudyResult) -> pd.DataFrame:
     """Per (level, condition): probabilities, predicted grade and where they came from."""
-    from spinegrade.constants import SEVERITIES
-
     rows = []
     for lv, level in enumerate(LEVELS):
         for cond in CONDITIONS:
@@ -486,8 +367,6 @@ def predict(
         split: ``test`` or ``train`` (which CSV / images folder of ``data_dir``).
         progress: show a progress bar.
     """
-    from tqdm import tqdm
-
     if (data_dir is None) == (study_dir is None):
         raise UserError("give either DATA_DIR or --study DIR")
     device = resolve_device(pcfg.device)
@@ -503,7 +382,7 @@ def predict(
         if cond not in classifiers:
             _log.warning("no classifier for %s: its rows get the prior", cond)
     out = Path(out_path)
-    fig_dir = out.parent / f"{out.stem}_figures"
+    fig_dir = figures_dir(out)
     results, rows = [], []
     bar = tqdm(studies, desc="predict", unit="study", disable=not progress)
     for st in bar:
@@ -523,8 +402,6 @@ def predict(
 
 
 def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
-    from spinegrade.report.predict import plot_study
-
     try:
         plot_study(res, path)
     except Exception as e:  # a figure must never cost a submission row
@@ -534,8 +411,8 @@ def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
 
 def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResult],
                    problems: list[Problem]) -> dict[str, Path]:
-    files = {"submission": out, "problems": out.parent / "problems.csv",
-             "locations": out.parent / "locations.csv", "studies": out.parent / "studies.csv"}
+    files = {"submission": out, "problems": out.parent / PROBLEMS_FILE,
+             "locations": out.parent / LOCATIONS_FILE, "studies": out.parent / STUDIES_FILE}
     with atomic_path(out, suffix=".csv") as tmp:
         submission.to_csv(tmp, index=False, float_format="%.6f")
     write_problems(files["problems"], problems)
@@ -550,3 +427,24 @@ def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResul
     with atomic_path(files["studies"], suffix=".csv") as tmp:
         timing.to_csv(tmp, index=False)
     return files
+
+
+def default_submission(study_dir: str | None) -> str:
+    """The submission CSV when --out is not given: ``<study>_submission.csv`` for one study."""
+    return f"{Path(study_dir).name}_{SUBMISSION_FILE}" if study_dir else SUBMISSION_FILE
+
+
+def figures_dir(out: Path) -> Path:
+    """Where ``predict.figures`` puts the per-study PNGs: ``<stem>_figures/`` beside ``out``."""
+    return out.parent / f"{out.stem}_figures"
+
+
+def config_copy(out: Path) -> Path:
+    """The resolved config beside the submission, named after it (never a user's config.yaml)."""
+    return out.with_name(f"{out.stem}_config.yaml")
+
+
+__all__ = ["ClassifierRun", "PredictOutput", "StudyInput", "StudyResult", "default_prior",
+           "grade_table", "load_classifiers", "parse_classifier_spec", "predict", "predict_study",
+           "prior_probs", "series_type", "studies_from_dataset", "study_from_folder",
+           "submission_rows", "training_prior"]

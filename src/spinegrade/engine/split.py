@@ -9,10 +9,9 @@ import numpy as np
 import pandas as pd
 from sklearn.model_selection import StratifiedKFold
 
+from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
-
-SPLIT_FILE = "split.csv"
 
 
 def make_folds(index: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
@@ -61,7 +60,7 @@ def rows_for_fold(index: pd.DataFrame, split: pd.DataFrame, fold: int) -> tuple[
 
 def save_split(split: pd.DataFrame, out_dir: str | Path) -> Path:
     """Write ``split.csv`` atomically into ``out_dir``."""
-    path = Path(out_dir) / SPLIT_FILE
+    path = RunFolder(out_dir).split
     with atomic_path(path, suffix=".csv") as tmp:
         split.to_csv(tmp, index=False)
     return path
@@ -69,7 +68,7 @@ def save_split(split: pd.DataFrame, out_dir: str | Path) -> Path:
 
 def load_split(run_dir: str | Path) -> pd.DataFrame:
     """Read a run's ``split.csv``."""
-    path = Path(run_dir) / SPLIT_FILE
+    path = RunFolder(run_dir).split
     if not path.is_file():
         raise UserError(f"{path} not found: is {run_dir} a training run folder?")
     return pd.read_csv(path)

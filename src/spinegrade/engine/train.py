@@ -9,6 +9,7 @@ writes the out-of-fold predictions of the final model. See docs/run_folder.md.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -27,11 +28,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
-from spinegrade.config import Config, config_to_dict, save_config
-from spinegrade.constants import CLASS_NAMES, LEVELS, NUM_CLASSES
+from spinegrade.config import Config, config_to_dict
+from spinegrade.constants import CLASS_NAMES, NUM_CLASSES
 from spinegrade.data.augment import BatchAugment, mixup, to_model_input
+from spinegrade.data.cache import CropCache
 from spinegrade.engine import checkpoint as ckpt_io
 from spinegrade.engine import distributed as dist_util
+from spinegrade.engine import run_folder as rf
 from spinegrade.engine.loop import (
     Settings,
     build_loaders,
@@ -40,11 +43,12 @@ from spinegrade.engine.loop import (
     seed_everything,
 )
 from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
+from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer
 from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
 from spinegrade.engine.tta import predict_views
 from spinegrade.errors import UserError
-from spinegrade.io.atomic import atomic_path, atomic_write_text
+from spinegrade.metrics import summarize
 
 log = logging.getLogger(__name__)
 
@@ -159,7 +163,7 @@ class Trainer:
     """Everything ``fit`` builds once, handed to its per-epoch helpers."""
 
     cfg: Config
-    out: Path
+    run: RunFolder
     s: Settings
     model: nn.Module
     optimizer: torch.optim.Optimizer
@@ -193,9 +197,10 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
         The summary written to ``final.json`` (best epoch and metric, SWA metrics, ...).
     """
     fold = cfg.data.fold if fold is None else fold
+    run = RunFolder(out_dir)
     if resume:
-        _check_resume_fold(Path(out_dir), fold)
-    t = _setup(cfg, cache, Path(out_dir), fold, resume)
+        _check_resume_fold(run, fold)
+    t = _setup(cfg, cache, run, fold, resume)
     t.on_epoch_end = on_epoch_end
     try:
         for epoch in range(t.state.epoch + 1, cfg.train.epochs + 1):
@@ -210,14 +215,13 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
     return summary
 
 
-def _check_resume_fold(out: Path, fold: int) -> None:
+def _check_resume_fold(run: RunFolder, fold: int) -> None:
     """Refuse to resume a run on another fold: its validation studies would leak into training."""
-    info_path = out / "run.json"
-    if not (ckpt_io.checkpoint_path(out, "last").is_file() and info_path.is_file()):
+    if not run.checkpoint("last").is_file():
         return
-    trained = json.loads(info_path.read_text()).get("fold")
+    trained = run.read_info().get("fold")
     if trained is not None and int(trained) != fold:
-        raise UserError(f"{out} was trained on fold {trained}; resume it with --fold {trained} "
+        raise UserError(f"{run.root} was trained on fold {trained}; resume it with --fold {trained} "
                         f"(or train fold {fold} into another folder)")
 
 
@@ -235,38 +239,37 @@ def _improves(value: float | None, state: RunState, metric: str) -> bool:
     return value > state.best_metric if SELECT_METRICS[metric] else value < state.best_metric
 
 
-def _setup(cfg: Config, cache: Any, out: Path, fold: int, resume: bool) -> Trainer:
+def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool) -> Trainer:
     """Process group, data, model, optimizer, schedule, SWA, and the resumed state."""
     s = Settings.from_config(cfg, fold)
     if not s.is_main:  # one voice: the other processes only report errors
         logging.getLogger("spinegrade").setLevel(logging.ERROR)
     seed_everything(cfg.train.seed, s.deterministic)
-    from spinegrade.data.cache import CropCache
-
     cache = CropCache.open(cache) if isinstance(cache, str | Path) else cache
-    split = _load_or_make_split(cfg, cache, out, resume, s)
+    split = _load_or_make_split(cfg, cache, run, resume, s)
     train_rows, val_rows = rows_for_fold(cache.index, split, fold)
     if s.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out)
-        _write_json(out / "run.json", _run_info(cfg, cache, fold, s, train_rows, val_rows))
+        run.root.mkdir(parents=True, exist_ok=True)
+        rf.write_config(run, cfg)
+        rf.write_json(run.run_info, rf.run_info(cache, fold, s.world_size, str(s.device),
+                                                len(train_rows), len(val_rows), torch.__version__))
     loaders = build_loaders(cfg, cache, train_rows, val_rows, s)
     counts = np.bincount(cache.index.set_index("row").loc[train_rows, "label"], minlength=NUM_CLASSES)
     model, loss_fn = make_run_model(cfg, cache, s, class_counts=counts.tolist())
     schedule = PhaseSchedule.from_config(cfg.train, len(loaders.train))
-    t = Trainer(cfg=cfg, out=out, s=s, model=model, optimizer=build_optimizer(model, cfg.train),
+    t = Trainer(cfg=cfg, run=run, s=s, model=model, optimizer=build_optimizer(model, cfg.train),
                 loss_fn=loss_fn, schedule=schedule, loaders=loaders,
                 swa=AveragedModel(model) if cfg.train.swa else None,
                 monitor=DeadClassMonitor(cfg.train.dead_class_patience, cfg.train.dead_class_action),
                 augment=_make_augment(cfg) if cfg.train.augment else None,
                 aug_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + s.rank))
-    last = ckpt_io.checkpoint_path(out, "last")
+    last = run.checkpoint("last")
     if resume and last.is_file():
-        _restore(t, ckpt_io.load_checkpoint(last, map_location=s.device))
+        _restore(t, rf.read_checkpoint(last, map_location=s.device))
         log.info("resumed from %s after epoch %d", last, t.state.epoch)
     elif resume and s.is_main:
         log.info("no %s yet: starting from epoch 1", last)
-    t.writer = _open_writer(out, t.state.epoch + 1) if s.is_main else None
+    t.writer = rf.tensorboard_writer(run, t.state.epoch + 1) if s.is_main else None
     return t
 
 
@@ -277,15 +280,16 @@ def _make_augment(cfg: Config) -> BatchAugment:
                         slice_jitter=tc.slice_jitter)
 
 
-def _load_or_make_split(cfg: Config, cache: Any, out: Path, resume: bool, s: Settings) -> pd.DataFrame:
+def _load_or_make_split(cfg: Config, cache: Any, run: RunFolder, resume: bool, s: Settings
+                        ) -> pd.DataFrame:
     """The run's saved split when resuming, else a fresh one (saved by the main process)."""
-    if (out / "split.csv").is_file() and resume:
-        return load_split(out)
+    if run.split.is_file() and resume:
+        return load_split(run.root)
     # Every process computes the same split from the same seed; only the main one saves it.
     split = make_folds(cache.index, cfg.data.folds, cfg.train.seed)
     if s.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_split(split, out)
+        run.root.mkdir(parents=True, exist_ok=True)
+        save_split(split, run.root)
     return split
 
 
@@ -340,8 +344,6 @@ def _apply_dead_class_action(t: Trainer, action: str, epoch: int) -> None:
 
 def _epoch_row(t: Trainer, epoch: int, lrs: dict[str, float], stats: dict, pred: dict) -> dict:
     """One metrics.csv row: losses, learning rates and the validation summary."""
-    from spinegrade.metrics import summarize
-
     m = summarize(pred["label"], pred["probs"])
     row: dict[str, Any] = {"epoch": epoch, "phase": t.schedule.phase(epoch),
                            "lr_backbone": lrs["backbone"], "lr_head": lrs["head"],
@@ -365,30 +367,17 @@ def _save_epoch(t: Trainer, epoch: int, improved: bool) -> None:
     aug = dist_util.all_gather_objects(t.aug_gen.get_state())
     if not t.s.is_main:
         return
-    ckpts = t.out / "checkpoints"
-    base = {"config": config_to_dict(t.cfg), "epoch": epoch, "fold": t.s.fold}
     if improved:
-        ckpt_io.save_checkpoint(ckpts / "best.pt", {**base, "model": t.model.state_dict(),
-                                                    "metrics": _plain(t.state.history[-1])})
-    ckpt_io.save_checkpoint(ckpts / "last.pt", {
-        **base, "model": t.model.state_dict(), "optimizer": t.optimizer.state_dict(),
-        "schedule": t.schedule.state_dict(), "swa": t.swa.state_dict() if t.swa else None,
-        "rng": rng, "augment_rng": aug, "monitor": t.monitor.state_dict(),
-        "state": t.state.state_dict(), "world_size": t.s.world_size})
-    _write_metrics(t)
+        ckpt_io.save_checkpoint(t.run.checkpoint("best"), rf.checkpoint_payload(
+            t.cfg, epoch, t.model, fold=t.s.fold, metrics=rf.nan_to_none(t.state.history[-1])))
+    ckpt_io.save_checkpoint(t.run.checkpoint("last"), rf.checkpoint_payload(
+        t.cfg, epoch, t.model, fold=t.s.fold, optimizer=t.optimizer.state_dict(),
+        schedule=t.schedule.state_dict(), swa=t.swa.state_dict() if t.swa else None,
+        rng=rng, augment_rng=aug, monitor=t.monitor.state_dict(),
+        state=t.state.state_dict(), world_size=t.s.world_size))
+    rf.write_history(t.run, t.state.history, t.state.epoch,
+                     health_table(t.state.history, t.cfg.eval))
     _log_epoch(t, epoch)
-
-
-def _plain(row: dict) -> dict:
-    """A metrics row with only JSON/weights_only-safe values."""
-    return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-
-
-def _write_metrics(t: Trainer) -> None:
-    with atomic_path(t.out / "metrics.csv", suffix=".csv") as tmp:
-        pd.DataFrame(t.state.history).to_csv(tmp, index=False)
-    table = health_table(t.state.history, t.cfg.eval)
-    _write_json(t.out / "health.json", {"epoch": t.state.epoch, "items": table})
 
 
 def _log_epoch(t: Trainer, epoch: int) -> None:
@@ -422,11 +411,12 @@ def _fmt(v: float | None) -> str:
     return "  n/a" if v is None else f"{v:.3f}"
 
 
-def _restore(t: Trainer, ck: dict) -> None:
+def _restore(t: Trainer, last: rf.RunCheckpoint) -> None:
     """Load a last.pt into the trainer: weights, optimizer, SWA, monitor, history, RNG."""
-    if ck["config"] != config_to_dict(t.cfg):
+    if last.config != config_to_dict(t.cfg):
         log.warning("resuming with a config that differs from the checkpoint's")
-    t.model.load_state_dict(ck["model"])
+    t.model.load_state_dict(last.model)
+    ck = last.extra
     t.optimizer.load_state_dict(ck["optimizer"])
     if t.swa is not None and ck.get("swa") is not None:
         t.swa.load_state_dict(ck["swa"])
@@ -448,8 +438,6 @@ def _restore(t: Trainer, ck: dict) -> None:
 
 def _finish(t: Trainer) -> dict[str, Any]:
     """SWA (BN recomputed, evaluated, saved), out-of-fold predictions, final.json, report."""
-    from spinegrade.metrics import summarize
-
     summary: dict[str, Any] = {"best_epoch": t.state.best_epoch, "best_metric": t.state.best_metric,
                                "select_metric": t.cfg.train.select_metric,
                                "epochs_run": t.state.epoch, "stopped_early": t.state.stopped}
@@ -460,41 +448,27 @@ def _finish(t: Trainer) -> dict[str, Any]:
         summary["swa"] = {**summarize(pred["label"], pred["probs"]), "val_loss": pred["loss"],
                           "n_averaged": int(t.swa.n_averaged)}
         if t.s.is_main:
-            ckpt_io.save_checkpoint(t.out / "checkpoints" / "swa.pt", {
-                "config": config_to_dict(t.cfg), "epoch": t.state.epoch, "fold": t.s.fold,
-                "model": swa_model.state_dict(), "n_averaged": int(t.swa.n_averaged)})
+            ckpt_io.save_checkpoint(t.run.checkpoint("swa"), rf.checkpoint_payload(
+                t.cfg, t.state.epoch, swa_model, fold=t.s.fold, n_averaged=int(t.swa.n_averaged)))
         summary["final_checkpoint"] = "swa"
     else:
         name = "best" if t.state.best_epoch else "last"
         pred = evaluate(_load_weights(t, name), t.loaders.val, t.loss_fn, t.s)
         summary["final_checkpoint"] = name
     if t.s.is_main:
-        _write_oof(t, pred)
-        _write_json(t.out / "final.json", summary)
+        rf.write_predictions(t.run.oof, pred, t.loaders.index)
+        rf.write_json(t.run.final, summary)
         _print_summary(summary)
-        _build_report(t.out)
+        rf.write_report(t.run)
     return summary
 
 
 def _load_weights(t: Trainer, name: str) -> nn.Module:
     """A copy of the run model carrying the weights of checkpoint ``name``."""
-    import copy
-
     model = copy.deepcopy(t.model)
     dist_util.barrier()  # best.pt is written by the main process
-    model.load_state_dict(ckpt_io.load_checkpoint(ckpt_io.checkpoint_path(t.out, name),
-                                                  map_location=t.s.device)["model"])
+    model.load_state_dict(rf.read_checkpoint(t.run.checkpoint(name), map_location=t.s.device).model)
     return model
-
-
-def _write_oof(t: Trainer, pred: dict) -> None:
-    meta = t.loaders.index.set_index("row").loc[pred["row"]]
-    oof = pd.DataFrame({"row": pred["row"], "study_id": meta["study_id"].to_numpy(),
-                        "level": [LEVELS[i] for i in pred["level"]], "label": pred["label"]})
-    for k, c in enumerate(CLASS_NAMES):
-        oof[f"prob_{c}"] = pred["probs"][:, k]
-    with atomic_path(t.out / "oof.csv", suffix=".csv") as tmp:
-        oof.to_csv(tmp, index=False)
 
 
 def _print_summary(summary: dict) -> None:
@@ -505,46 +479,6 @@ def _print_summary(summary: dict) -> None:
         print(f"SWA over {sw['n_averaged']} epochs: BA {_fmt(sw['balanced_accuracy'])} "
               f"weighted logloss {_fmt(sw['weighted_logloss'])} "
               f"confusion {sw['confusion_matrix']}", flush=True)
-
-
-def _build_report(out: Path) -> None:
-    try:
-        from spinegrade.report import build_report
-    except ImportError:  # the report module is optional
-        return
-    try:
-        path = build_report(out)
-        print(f"report: {path}", flush=True)
-    except Exception as e:  # a plotting problem must not lose a finished run
-        log.warning("could not build the report: %s", e)
-
-
-def _open_writer(out: Path, first_epoch: int) -> Any:
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:  # TensorBoard is optional
-        return None
-    # purge_step drops events a killed run logged after its last checkpoint.
-    return SummaryWriter(str(out / "tb"), purge_step=first_epoch if first_epoch > 1 else None)
-
-
-def _run_info(cfg: Config, cache: Any, fold: int, s: Settings, train_rows: np.ndarray,
-              val_rows: np.ndarray) -> dict:
-    return {"cache": str(Path(cache.path).resolve()) if hasattr(cache, "path") else None,
-            "fold": fold, "world_size": s.world_size, "device": str(s.device),
-            "n_train": len(train_rows), "n_val": len(val_rows), "torch": torch.__version__}
-
-
-def _write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
-
-
-def _json_default(o: Any) -> Any:
-    if isinstance(o, np.integer | np.floating):
-        return o.item()
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    raise TypeError(f"not JSON serialisable: {type(o)}")
 
 
 __all__ = ["fit", "train_one_epoch", "evaluate", "KILL_ENV", "UserError"]

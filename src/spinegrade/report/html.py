@@ -11,6 +11,8 @@ import numpy as np
 import pandas as pd
 
 from spinegrade.constants import CLASS_NAMES, SEVERITIES
+from spinegrade.engine import run_folder as rf
+from spinegrade.engine.run_folder import RunFolder
 from spinegrade.io.atomic import atomic_write_text
 from spinegrade.report import plots
 
@@ -55,31 +57,31 @@ def _read_json(path: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _figures(run: Path, metrics: pd.DataFrame | None, evaluation: dict | None) -> list[Path]:
+def _figures(run: RunFolder, metrics: pd.DataFrame | None, evaluation: dict | None) -> list[Path]:
     """Write every figure the run's files allow into ``run/plots`` and return their paths."""
-    out = run / "plots"
+    out = run.plots
     out.mkdir(exist_ok=True)
     figs: list[Path] = []
     if metrics is not None and len(metrics):
-        figs.append(plots.plot_losses(metrics, out / "loss.png"))
-        figs.append(plots.plot_recall(metrics, out / "recall.png"))
+        figs.append(plots.plot_losses(metrics, out / rf.LOSS_PNG))
+        figs.append(plots.plot_recall(metrics, out / rf.RECALL_PNG))
         if "confusion_matrix" in metrics:
             best = _best_row(metrics)
             cm = json.loads(metrics.loc[best, "confusion_matrix"])
             epoch = int(metrics.loc[best, "epoch"])
-            figs.append(plots.plot_confusion(cm, out / "confusion_best.png",
+            figs.append(plots.plot_confusion(cm, out / rf.CONFUSION_BEST_PNG,
                                              f"validation, best epoch ({epoch})"))
         if "slice_weights" in metrics:
             w = [x for x in plots.parse_json_column(metrics["slice_weights"]) if x]
             if w:
-                figs.append(plots.plot_slice_weights(w, out / "slice_weights.png"))
+                figs.append(plots.plot_slice_weights(w, out / rf.SLICE_WEIGHTS_PNG))
     if evaluation:
         tta = "with TTA" if evaluation.get("tta") else "no TTA"
         figs.append(plots.plot_confusion(evaluation["confusion_matrix"],
-                                         out / "confusion_eval.png", f"evaluate ({tta})"))
+                                         out / rf.CONFUSION_EVAL_PNG, f"evaluate ({tta})"))
         if evaluation.get("per_level_recall"):
             figs.append(plots.plot_per_level_recall(evaluation["per_level_recall"],
-                                                    out / "per_level_recall.png"))
+                                                    out / rf.PER_LEVEL_RECALL_PNG))
     return figs
 
 
@@ -135,15 +137,16 @@ def build_report(run_dir: str | Path) -> Path:
     Reads what the run folder holds (config.yaml, metrics.csv, health.json, eval/metrics.json);
     sections whose files are missing are left out.
     """
-    run = Path(run_dir)
-    metrics = pd.read_csv(run / "metrics.csv") if (run / "metrics.csv").is_file() else None
-    evaluation = _read_json(run / "eval" / "metrics.json")
-    health = _read_json(run / "health.json")
-    config_text = (run / "config.yaml").read_text() if (run / "config.yaml").is_file() else ""
+    run = RunFolder(run_dir)
+    metrics = pd.read_csv(run.metrics) if run.metrics.is_file() else None
+    evaluation = _read_json(run.eval_dir / rf.EVAL_METRICS_FILE)
+    health = _read_json(run.health)
+    config_text = run.config.read_text() if run.config.is_file() else ""
     figs = _figures(run, metrics, evaluation)
+    name = run.root.name
 
-    parts = [f"<h1>spinegrade run: {html.escape(run.name)}</h1>",
-             f'<p class="sub">{html.escape(str(run.resolve()))}</p>',
+    parts = [f"<h1>spinegrade run: {html.escape(name)}</h1>",
+             f'<p class="sub">{html.escape(str(run.root.resolve()))}</p>',
              f'<div class="cards">{_cards(metrics, evaluation)}</div>',
              "<h2>Health table</h2>", _health_html(health),
              "<h2>Figures</h2>", '<div class="figs">', *(_img(f) for f in figs), "</div>"]
@@ -157,10 +160,9 @@ def build_report(run_dir: str | Path) -> Path:
                   f"weighted log loss {evaluation.get('weighted_logloss', float('nan')):.4f}</p>"]
     if config_text:
         parts += ["<h2>Resolved config</h2>",
-                  f"<details><summary>config.yaml</summary><pre>{html.escape(config_text)}</pre>"
+                  f"<details><summary>{rf.CONFIG_FILE}</summary><pre>{html.escape(config_text)}</pre>"
                   "</details>"]
-    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(run.name)}"
+    page = (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(name)}"
             f"</title><style>{CSS}</style></head><body>{''.join(parts)}</body></html>")
-    out = run / "report.html"
-    atomic_write_text(out, page)
-    return out
+    atomic_write_text(run.report, page)
+    return run.report
