@@ -1,0 +1,371 @@
+"""Post-hoc calibration of class probabilities: temperature, per-class bias, prior mix, ECE.
+
+A leaf module (numpy + scipy). Everything works on plain arrays: ``logits`` (n, K) (any
+real scores whose softmax is the prediction; log-probabilities of a model that outputs
+probabilities work too, see :func:`logits_from_probs`), integer ``labels`` (n,) in
+``[0, K)`` and optional sample ``weights`` (n,). For the competition metric pass
+:func:`competition_weights` (1/2/4 by true severity): the loss-optimal probabilities under
+those weights are the true ones reweighted by [1, 2, 4], so a calibration fitted with them
+moves probability towards the severe classes, and its expected calibration error must be
+read with the same weights (a weighted bin accuracy is exactly the reweighted probability).
+
+Fitting never makes the weighted NLL on the fitting data worse: a fitted temperature/bias
+or mixing weight that does not reduce it is replaced by the identity.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import optimize
+
+from spinegrade.constants import CLASS_WEIGHTS, NUM_CLASSES
+
+EPS: float = float(np.finfo(np.float64).eps)
+# Search range of the temperature: wide enough for a model 20x over- or under-confident.
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
+# Coarse grid over log T before the bounded 1-D refinement (the NLL is unimodal in log T,
+# the grid only guards against a flat start).
+TEMPERATURE_GRID = 61
+BIAS_BOUND = 20.0
+MIX_GRID = 101
+DEFAULT_BINS = 10
+# A fit must lower the NLL by more than float noise to replace the identity.
+MIN_IMPROVEMENT = 1e-9
+
+
+# --- Arrays and losses ----------------------------------------------------------------------
+
+
+def _check(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Validated float64 (n, K) scores, int64 (n,) labels and float64 (n,) weights."""
+    z = np.asarray(logits, dtype=np.float64)
+    y = np.asarray(labels).ravel()
+    if z.ndim != 2 or len(z) != len(y):
+        raise ValueError(f"expected (n, K) scores for {len(y)} labels, got shape {z.shape}")
+    if y.size and (not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= z.shape[1]):
+        raise ValueError(f"labels must be integers in [0, {z.shape[1]}), got {np.unique(y)[:5]}")
+    if not np.all(np.isfinite(z)):
+        raise ValueError("scores contain NaN or infinite values")
+    w = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64).ravel()
+    if w.shape != y.shape or not np.all(np.isfinite(w)) or (w < 0).any():
+        raise ValueError(f"weights must be {len(y)} finite non-negative numbers")
+    return z, y.astype(np.int64), w
+
+
+def competition_weights(labels: np.ndarray | Sequence[int],
+                        class_weights: Sequence[float] = CLASS_WEIGHTS) -> np.ndarray:
+    """Per-sample weights ``class_weights[label]`` (the competition's 1/2/4)."""
+    return np.asarray(class_weights, dtype=np.float64)[np.asarray(labels, dtype=np.int64)]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise softmax, numerically stable."""
+    z = np.asarray(logits, dtype=np.float64)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def logits_from_probs(probs: np.ndarray) -> np.ndarray:
+    """Log of clipped probabilities: scores whose softmax gives back the (renormalised) probs."""
+    return np.log(np.clip(np.asarray(probs, dtype=np.float64), EPS, 1.0))
+
+
+def weighted_nll(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None
+                 ) -> float:
+    """``sum(w_i * -log p_i[y_i]) / sum(w_i)``, probabilities clipped to [EPS, 1 - EPS] and rows
+    renormalised (sklearn's ``log_loss`` with ``sample_weight``, as the competition ran it).
+
+    Returns NaN when the weights sum to zero (no samples).
+    """
+    p, y, w = _check(probs, labels, weights)
+    p = np.clip(p, EPS, 1.0 - EPS)
+    p = p / p.sum(axis=1, keepdims=True)
+    total = w.sum()
+    if total <= 0:
+        return float("nan")
+    return float(np.dot(w, -np.log(p[np.arange(len(y)), y])) / total)
+
+
+def _scaled_nll(params: np.ndarray, z: np.ndarray, onehot: np.ndarray, w: np.ndarray
+                ) -> tuple[float, np.ndarray]:
+    """NLL of softmax(z / T + b) and its gradient in (log T, b[1:]); b[0] is fixed at 0."""
+    beta = math.exp(-params[0])
+    bias = np.concatenate([[0.0], params[1:]])
+    s = z * beta + bias
+    s = s - s.max(axis=1, keepdims=True)
+    log_p = s - np.log(np.exp(s).sum(axis=1, keepdims=True))
+    total = w.sum()
+    loss = float(-(w[:, None] * onehot * log_p).sum() / total)
+    resid = w[:, None] * (np.exp(log_p) - onehot) / total
+    d_beta = float((resid * z).sum())
+    grad = np.concatenate([[-beta * d_beta], resid.sum(axis=0)[1:]])
+    return loss, grad[: len(params)]
+
+
+def _fit_log_temperature(z: np.ndarray, onehot: np.ndarray, w: np.ndarray) -> float:
+    """log T minimising the NLL of softmax(z / T): a coarse grid, then a bounded 1-D search."""
+    lo, hi = math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE)
+    grid = np.linspace(lo, hi, TEMPERATURE_GRID)
+    losses = [_scaled_nll(np.array([u]), z, onehot, w)[0] for u in grid]
+    k = int(np.argmin(losses))
+    a, b = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    res = optimize.minimize_scalar(lambda u: _scaled_nll(np.array([u]), z, onehot, w)[0],
+                                   bounds=(a, b), method="bounded", options={"xatol": 1e-6})
+    return float(res.x) if res.fun <= losses[k] else float(grid[k])
+
+
+def _fit_scaling(z: np.ndarray, y: np.ndarray, w: np.ndarray, with_bias: bool
+                 ) -> tuple[float, np.ndarray]:
+    """(T, bias) minimising the weighted NLL of softmax(z / T + bias)."""
+    onehot = np.eye(z.shape[1])[y]
+    u = _fit_log_temperature(z, onehot, w)
+    bias = np.zeros(z.shape[1])
+    if with_bias and z.shape[1] > 1:
+        x0 = np.concatenate([[u], bias[1:]])
+        bounds = [(math.log(MIN_TEMPERATURE), math.log(MAX_TEMPERATURE))]
+        bounds += [(-BIAS_BOUND, BIAS_BOUND)] * (z.shape[1] - 1)
+        res = optimize.minimize(_scaled_nll, x0, args=(z, onehot, w), jac=True,
+                                method="L-BFGS-B", bounds=bounds)
+        if res.fun < _scaled_nll(x0, z, onehot, w)[0]:
+            u, bias = float(res.x[0]), np.concatenate([[0.0], res.x[1:]])
+    return math.exp(u), bias
+
+
+# --- Prior mix -------------------------------------------------------------------------------
+
+
+def mix_with_prior(probs: np.ndarray, prior: np.ndarray, mix: float) -> np.ndarray:
+    """``(1 - mix) * probs + mix * prior``; ``prior`` is (K,) or (n, K)."""
+    p = np.asarray(probs, dtype=np.float64)
+    if mix == 0.0:
+        return p
+    q = np.broadcast_to(np.asarray(prior, dtype=np.float64), p.shape)
+    return (1.0 - mix) * p + mix * q
+
+
+def choose_prior_mix(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray,
+                     weights: np.ndarray | None = None) -> float:
+    """Mixing weight a in [0, 1] minimising the weighted NLL of ``(1 - a) p + a prior``.
+
+    The NLL is convex in ``a`` (minus the log of a linear function), so a grid of
+    ``MIX_GRID`` points and a bounded refinement around its best point find the minimum.
+    Returns 0 unless mixing lowers the NLL by more than ``MIN_IMPROVEMENT``.
+
+    Args:
+        probs: (n, K) model probabilities (out of fold).
+        labels: (n,) true classes.
+        prior: (K,) or (n, K) prior probabilities (e.g. the class-weighted prior per column).
+        weights: (n,) sample weights; None: all 1.
+    """
+    p, y, w = _check(probs, labels, weights)
+    if len(y) == 0 or w.sum() <= 0:
+        return 0.0
+
+    def nll(a: float) -> float:
+        return weighted_nll(mix_with_prior(p, prior, a), y, w)
+
+    grid = np.linspace(0.0, 1.0, MIX_GRID)
+    losses = np.array([nll(a) for a in grid])
+    k = int(np.argmin(losses))
+    lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
+    res = optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded",
+                                   options={"xatol": 1e-6})
+    best, best_loss = (float(res.x), float(res.fun)) if res.fun < losses[k] else (grid[k], losses[k])
+    return float(best) if best_loss < losses[0] - MIN_IMPROVEMENT else 0.0
+
+
+# --- Reliability and ECE ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ReliabilityBins:
+    """A reliability diagram's data: equal-width confidence bins on [0, 1].
+
+    Bin ``b`` holds confidences in ``(edges[b], edges[b + 1]]`` (the first also holds 0).
+    ``confidence`` and ``accuracy`` are (weighted) means over the bin, NaN when it is empty;
+    ``count`` is the number of samples, ``weight`` their summed weight.
+    """
+
+    edges: np.ndarray
+    confidence: np.ndarray
+    accuracy: np.ndarray
+    count: np.ndarray
+    weight: np.ndarray
+
+    @property
+    def ece(self) -> float:
+        """Expected calibration error: ``sum_b weight_b / W * |accuracy_b - confidence_b|``."""
+        total = self.weight.sum()
+        if total <= 0:
+            return float("nan")
+        full = self.weight > 0
+        gaps = np.abs(self.accuracy[full] - self.confidence[full])
+        return float(np.dot(self.weight[full], gaps) / total)
+
+
+def reliability_bins(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_BINS,
+                     weights: np.ndarray | None = None, class_index: int | None = None
+                     ) -> ReliabilityBins:
+    """Bin predictions by confidence and compare with the observed frequency.
+
+    Args:
+        probs: (n, K) probabilities.
+        labels: (n,) true classes.
+        n_bins: number of equal-width bins.
+        weights: (n,) sample weights; None: all 1.
+        class_index: None: top-label confidence ``max_k p_k`` against ``argmax == label``;
+            k: the probability of class k against ``label == k`` (classwise).
+    """
+    p, y, w = _check(probs, labels, weights)
+    if class_index is None:
+        conf, hit = p.max(axis=1), (p.argmax(axis=1) == y)
+    else:
+        conf, hit = p[:, class_index], (y == class_index)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    idx = np.digitize(conf, edges[1:-1], right=True)
+    weight = np.bincount(idx, weights=w, minlength=n_bins)
+    count = np.bincount(idx, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        confidence = np.bincount(idx, weights=w * conf, minlength=n_bins) / weight
+        accuracy = np.bincount(idx, weights=w * hit, minlength=n_bins) / weight
+    empty = weight <= 0
+    confidence[empty], accuracy[empty] = np.nan, np.nan
+    return ReliabilityBins(edges, confidence, accuracy, count, weight)
+
+
+def classwise_ece(probs: np.ndarray, labels: np.ndarray, n_bins: int = DEFAULT_BINS,
+                  weights: np.ndarray | None = None) -> np.ndarray:
+    """(K,) ECE of each class's probability against that class's indicator."""
+    k = np.asarray(probs).shape[1]
+    return np.array([reliability_bins(probs, labels, n_bins, weights, c).ece for c in range(k)])
+
+
+def expected_calibration_error(probs: np.ndarray, labels: np.ndarray,
+                               n_bins: int = DEFAULT_BINS, weights: np.ndarray | None = None,
+                               classwise: bool = False) -> float:
+    """Top-label ECE, or with ``classwise`` the mean of :func:`classwise_ece` over classes."""
+    if classwise:
+        return float(np.mean(classwise_ece(probs, labels, n_bins, weights)))
+    return reliability_bins(probs, labels, n_bins, weights).ece
+
+
+# --- The fitted calibration ------------------------------------------------------------------
+
+
+def _nan_to_none(v: float) -> float | None:
+    return None if v is None or not math.isfinite(v) else float(v)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Temperature, per-class bias and prior mix of one run, with the fit's before/after.
+
+    ``apply`` gives ``(1 - prior_mix) * softmax(logits / temperature + bias) + prior_mix *
+    prior``. ``nll_*`` and ``ece_*`` are measured on the fitting (out-of-fold) data with the
+    fit's sample weights; ``n`` is its number of samples.
+    """
+
+    temperature: float = 1.0
+    bias: tuple[float, ...] = field(default=(0.0,) * NUM_CLASSES)
+    prior_mix: float = 0.0
+    nll_before: float = float("nan")
+    nll_after: float = float("nan")
+    ece_before: float = float("nan")
+    ece_after: float = float("nan")
+    n: int = 0
+
+    @property
+    def is_identity(self) -> bool:
+        """True when applying it changes nothing."""
+        return self.temperature == 1.0 and not any(self.bias) and self.prior_mix == 0.0
+
+    def to_dict(self) -> dict:
+        """Plain JSON-ready dict (NaN written as null)."""
+        d = asdict(self)
+        d["bias"] = [float(b) for b in self.bias]
+        for key in ("nll_before", "nll_after", "ece_before", "ece_after"):
+            d[key] = _nan_to_none(d[key])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Calibration:
+        """Inverse of :meth:`to_dict`; ValueError naming the bad field."""
+        unknown = set(d) - {f for f in cls.__dataclass_fields__}
+        if unknown:
+            raise ValueError(f"calibration: unknown fields {sorted(unknown)}")
+        t = float(d.get("temperature", 1.0))
+        if not (math.isfinite(t) and t > 0):
+            raise ValueError(f"calibration: temperature must be a positive number, got {t}")
+        bias = tuple(float(b) for b in d.get("bias", (0.0,) * NUM_CLASSES))
+        if not all(math.isfinite(b) for b in bias):
+            raise ValueError(f"calibration: bias must be finite, got {list(bias)}")
+        mix = float(d.get("prior_mix", 0.0))
+        if not 0.0 <= mix <= 1.0:
+            raise ValueError(f"calibration: prior_mix must lie in [0, 1], got {mix}")
+
+        def num(key: str) -> float:
+            v = d.get(key)
+            return float("nan") if v is None else float(v)
+
+        return cls(t, bias, mix, num("nll_before"), num("nll_after"), num("ece_before"),
+                   num("ece_after"), int(d.get("n", 0)))
+
+
+def apply(logits: np.ndarray, calib: Calibration, prior: np.ndarray | None = None
+          ) -> np.ndarray:
+    """Calibrated (n, K) probabilities of ``logits`` (n, K).
+
+    Raises:
+        ValueError: ``calib.prior_mix > 0`` without a ``prior``, or a bias of the wrong length.
+    """
+    z = np.asarray(logits, dtype=np.float64)
+    bias = np.asarray(calib.bias, dtype=np.float64)
+    if bias.shape != (z.shape[-1],):
+        raise ValueError(f"calibration has {bias.size} class biases, scores have {z.shape[-1]}")
+    probs = softmax(z / calib.temperature + bias)
+    if calib.prior_mix > 0.0:
+        if prior is None:
+            raise ValueError("this calibration mixes in the prior: pass prior=")
+        probs = mix_with_prior(probs, prior, calib.prior_mix)
+    return probs
+
+
+def fit_calibration(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None = None,
+                    *, bias: bool = False, prior: np.ndarray | None = None,
+                    n_bins: int = DEFAULT_BINS) -> Calibration:
+    """Fit a temperature (and with ``bias`` a per-class bias), then with ``prior`` a prior mix.
+
+    Each stage is kept only if it lowers the weighted NLL on these data, so the result is
+    never worse than the identity there (``nll_after <= nll_before``).
+
+    Args:
+        logits: (n, K) out-of-fold scores.
+        labels: (n,) true classes.
+        weights: (n,) sample weights, e.g. ``competition_weights(labels)``; None: all 1.
+        bias: also fit a per-class bias (first class fixed at 0: softmax ignores a shift).
+        prior: (K,) or (n, K) prior probabilities to choose ``prior_mix`` against.
+        n_bins: bins of the reported ECE.
+    """
+    z, y, w = _check(logits, labels, weights)
+    k = z.shape[1]
+    if len(y) == 0 or w.sum() <= 0:
+        return Calibration(bias=(0.0,) * k, n=len(y))
+    base = softmax(z)
+    nll0 = weighted_nll(base, y, w)
+    temperature, b = _fit_scaling(z, y, w, bias)
+    probs = softmax(z / temperature + b)
+    if not weighted_nll(probs, y, w) < nll0 - MIN_IMPROVEMENT:
+        temperature, b, probs = 1.0, np.zeros(k), base
+    mix = 0.0 if prior is None else choose_prior_mix(probs, y, prior, w)
+    probs = mix_with_prior(probs, prior, mix) if mix else probs
+    return Calibration(
+        temperature=float(temperature), bias=tuple(float(v) for v in b), prior_mix=mix,
+        nll_before=nll0, nll_after=weighted_nll(probs, y, w),
+        ece_before=expected_calibration_error(base, y, n_bins, w),
+        ece_after=expected_calibration_error(probs, y, n_bins, w), n=len(y),
+    )
