@@ -39,13 +39,13 @@ from spinegrade.constants import (
     row_id,
 )
 from spinegrade.data.preprocess import CropRequest, build_cropper
-from spinegrade.data.rsna import Problem, write_problems
 from spinegrade.engine.checkpoint import CHECKPOINT_NAMES, checkpoint_path, load_checkpoint
 from spinegrade.engine.localizer import LocalizerRun, resolve_device
 from spinegrade.engine.tta import predict_views, tta_views
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
 from spinegrade.io.dicom import Volume, read_series
+from spinegrade.problems import Problem, write_problems
 
 _log = logging.getLogger(__name__)
 
@@ -271,16 +271,17 @@ def study_from_folder(folder: Path) -> tuple[StudyInput, list[Problem]]:
         try:
             vol = read_series(sub, load_pixels=False)
         except (UserError, OSError) as e:
-            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
-                                    "unreadable_series", "skipped", str(e)))
+            problems.append(Problem.skipped(kind="unreadable_series", study_id=_int(st.study_id),
+                                            series_id=_int(sub.name), file=str(sub),
+                                            message=str(e)))
             continue
         desc = series_type(vol.series_description, vol.orientation_label)
         if desc is None:
-            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
-                                    "unknown_series_type", "skipped",
-                                    f"SeriesDescription '{vol.series_description}' "
-                                    f"({vol.orientation_label}) is not one of "
-                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
+            problems.append(Problem.skipped(kind="unknown_series_type", study_id=_int(st.study_id),
+                                            series_id=_int(sub.name), file=str(sub),
+                                            message=f"SeriesDescription '{vol.series_description}' "
+                                                    f"({vol.orientation_label}) is not one of "
+                                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
             continue
         st.series.append((sub.name, desc, sub))
     return st, problems
@@ -319,18 +320,21 @@ def _read_volumes(st: StudyInput, problems: list[Problem]) -> dict[str, tuple[st
     out: dict[str, tuple[str, Volume]] = {}
     for sid, desc, folder in st.series:
         if not folder.is_dir():
-            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
-                                    "missing_series", "skipped", "series folder not found"))
+            problems.append(Problem.skipped(kind="missing_series", study_id=_int(st.study_id),
+                                            series_id=_int(sid), file=str(folder),
+                                            message="series folder not found"))
             continue
         try:
             out[sid] = (desc, read_series(folder))
         except (UserError, OSError, ValueError) as e:
-            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
-                                    "unreadable_series", "skipped", str(e)))
+            problems.append(Problem.skipped(kind="unreadable_series", study_id=_int(st.study_id),
+                                            series_id=_int(sid), file=str(folder),
+                                            message=str(e)))
     present = {d for d, _ in out.values()}
     for desc in sorted(set(CONDITION_SERIES.values()) - present):
-        problems.append(Problem(_int(st.study_id), -1, "", -1, "no_series", "warning",
-                                f"no readable {desc} series: its conditions get the prior"))
+        problems.append(Problem.warning(kind="no_series", study_id=_int(st.study_id),
+                                        message=f"no readable {desc} series: its conditions "
+                                                "get the prior"))
     return out
 
 
@@ -346,8 +350,9 @@ def _locate(localizer: LocalizerRun, st: StudyInput, volumes: dict[str, tuple[st
         try:
             prepared.append((desc, localizer.prepare(vol, _int(st.study_id), k)))
         except (ValueError, cv2_error()) as e:
-            problems.append(Problem(_int(st.study_id), _int(sid), str(vol.path), -1,
-                                    "localizer_failed", "skipped", str(e)))
+            problems.append(Problem.skipped(kind="localizer_failed", study_id=_int(st.study_id),
+                                            series_id=_int(sid), file=str(vol.path),
+                                            message=str(e)))
     located = localizer.locate(prepared)
     located["series_id"] = [keys[int(k)] for k in located["series_id"]]
     located["study_id"] = st.study_id
@@ -417,9 +422,10 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
                 probs[(cond, lv)], source[(cond, lv)] = mixed, "model"
                 continue
             probs[(cond, lv)], source[(cond, lv)] = prior[lv], f"prior: {reasons[lv]}"
-            problems.append(Problem(_int(st.study_id), -1, "", -1, "prior_used", "warning",
-                                    f"{row_id(st.study_id, cond, LEVELS[lv])}: {reasons[lv]}; "
-                                    "prior probabilities used"))
+            problems.append(Problem.warning(
+                kind="prior_used", study_id=_int(st.study_id),
+                message=f"{row_id(st.study_id, cond, LEVELS[lv])}: {reasons[lv]}; "
+                        "prior probabilities used"))
     return StudyResult(st.study_id, probs, source, located,
                        {sid: v for sid, (_, v) in volumes.items()}, time.perf_counter() - start)
 
@@ -532,8 +538,8 @@ def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
     try:
         plot_study(res, path)
     except Exception as e:  # a figure must never cost a submission row
-        problems.append(Problem(_int(res.study_id), -1, str(path), -1, "figure_failed",
-                                "warning", f"{type(e).__name__}: {e}"))
+        problems.append(Problem.warning(kind="figure_failed", study_id=_int(res.study_id),
+                                        file=str(path), message=f"{type(e).__name__}: {e}"))
 
 
 def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResult],
