@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import pickle
 
 import numpy as np
@@ -10,8 +11,14 @@ import pandas as pd
 import pytest
 import torch
 
-from spinegrade.config import DataConfig, load_config
-from spinegrade.data.cache import CropCache, cache_key, data_config_from_dict, resolve_cache_dir
+from spinegrade.config import DataConfig, config_from_dict, load_config
+from spinegrade.data.cache import (
+    CropCache,
+    cache_key,
+    check_cache_matches,
+    pixel_config,
+    resolve_cache_dir,
+)
 from spinegrade.data.dataset import CropDataset
 from spinegrade.errors import UserError
 
@@ -35,7 +42,8 @@ def test_create_open_round_trip(tmp_path):
     assert again.index["study_id"].tolist() == index["study_id"].tolist()
     assert again.data_cfg["img_size"] == 8
     assert again.meta["counts"]["per_class"] == {"normal_mild": 2, "moderate": 2, "severe": 2}
-    assert data_config_from_dict(again.data_cfg) == DataConfig(img_size=8)
+    # The recorded settings give back the config section they came from.
+    assert config_from_dict({"data": again.data_cfg}).data == DataConfig(img_size=8)
     assert resolve_cache_dir(tmp_path) == tmp_path / "c"  # the single cache under a root
 
 
@@ -68,31 +76,29 @@ def test_dataset_items(tmp_path):
         CropDataset(cache, rows=[6])
 
 
+def _key(data_cfg: DataConfig) -> str:
+    return cache_key(dataclasses.asdict(data_cfg))
+
+
 def test_cache_key_follows_pixel_settings():
     base = load_config("v8").data
-    assert cache_key(base).startswith("spinal_canal_stenosis-")
-    assert cache_key(dataclasses.replace(base, fold=3, num_workers=9)) == cache_key(base)
+    assert _key(base).startswith("spinal_canal_stenosis-")
+    assert _key(dataclasses.replace(base, fold=3, num_workers=9)) == _key(base)
     changed = load_config("v8", ["data.img_size=48"]).data
-    assert cache_key(changed) != cache_key(base)
-    assert cache_key(dataclasses.replace(base, window_preset="percentile")) != cache_key(base)
+    assert _key(changed) != _key(base)
+    assert _key(dataclasses.replace(base, window_preset="percentile")) != _key(base)
     other = dataclasses.replace(base, condition="left_neural_foraminal_narrowing")
-    assert cache_key(other).startswith("left_neural_foraminal_narrowing-")
+    assert _key(other).startswith("left_neural_foraminal_narrowing-")
 
 
 def test_cache_from_older_preprocessing_code_is_refused(tmp_path):
     """A cache whose pixel_config names another preprocessing version is never reused."""
-    import json
-
-    from spinegrade.config import DataConfig
-    from spinegrade.data.cache import check_cache_matches, pixel_config
-    from spinegrade.errors import UserError
-
-    cfg = DataConfig(img_size=32)
-    current = pixel_config(cfg)
-    check_cache_matches(cfg, current)  # same settings and code: accepted
+    settings = dataclasses.asdict(DataConfig(img_size=32))
+    current = pixel_config(settings)
+    check_cache_matches(settings, current)  # same settings and code: accepted
     old = json.loads(json.dumps(current))
     old["preprocess_version"] = current["preprocess_version"] - 1
     with pytest.raises(UserError, match="preprocess_version"):
-        check_cache_matches(cfg, old)
+        check_cache_matches(settings, old)
     with pytest.raises(UserError, match=r"data\.img_size: cache has 32, config has 48"):
-        check_cache_matches(DataConfig(img_size=48), current)
+        check_cache_matches(dataclasses.asdict(DataConfig(img_size=48)), current)

@@ -18,13 +18,9 @@ from pydicom.data import get_testdata_file
 from dicom_fixtures import gdcm_transcode, instance_order, write_broken_file, write_series
 from spinegrade.errors import UserError
 from spinegrade.io import geometry
-from spinegrade.io.dicom import (
-    SeriesReadError,
-    UnusableFileError,
-    read_pixels,
-    read_series,
-    read_stacks,
-)
+from spinegrade.io.dicom import SeriesReadError, read_series, read_stacks
+from spinegrade.io.dicom_file import PixelDecodeError, UnusableFileError, read_pixels
+from spinegrade.problems import Problem
 
 
 def _testdata(name: str) -> Path:
@@ -120,8 +116,9 @@ def test_bundled_multiframe_file_is_reported_not_crashed_on(tmp_path):
     folder = _series_of(tmp_path, "MR_small.dcm", "emri_small_RLE.dcm")
     volume = read_series(folder)
     assert len(volume) == 1
-    assert volume.problems == [(str(folder / "2.dcm"),
-                                "multi-frame file (10 frames) is not supported")]
+    assert volume.problems == [Problem.skipped(
+        kind="unreadable_file", file=str(folder / "2.dcm"),
+        message="multi-frame file (10 frames) is not supported")]
 
 
 def test_broken_files_are_listed_in_problems(tmp_path):
@@ -132,7 +129,7 @@ def test_broken_files_are_listed_in_problems(tmp_path):
     write_broken_file(folder / "5.dcm", "header_only", source=folder / "1.dcm")
     volume = read_series(folder)
     assert len(volume) == 1 and volume.files == [folder / "1.dcm"]
-    reasons = {Path(f).name: r for f, r in volume.problems}
+    reasons = {Path(p.file).name: p.message for p in volume.problems}
     assert set(reasons) == {"2.dcm", "3.dcm", "4.dcm", "notes.txt", "5.dcm"}
     assert reasons["2.dcm"].startswith("cannot decode pixels")  # header fine, pixels short
     assert reasons["4.dcm"] == "empty file"
@@ -243,7 +240,7 @@ def test_duplicate_positions_are_kept_in_instance_order(tmp_path):
     volume = read_series(tmp_path)
     assert volume.instance_numbers.tolist() == [2, 4, 1, 5, 3]
     assert volume.normal_positions.tolist() == [0, 0, 10, 10, 20]
-    reasons = [r for _, r in volume.problems]
+    reasons = [p.message for p in volume.problems]
     assert any("instances [2, 4] share the position 0.000" in r for r in reasons)
     assert any("instances [1, 5] share the position 10.000" in r for r in reasons)
 
@@ -254,7 +251,7 @@ def test_missing_geometry_falls_back_to_instance_numbers(tmp_path):
     assert volume.instance_numbers.tolist() == [1, 2, 3, 4, 5]
     assert volume.orientation_label == "unknown"
     assert np.isnan(volume.slice_spacing)
-    assert any("ordered by InstanceNumber" in r for _, r in volume.problems)
+    assert any("ordered by InstanceNumber" in p.message for p in volume.problems)
 
 
 def test_missing_instance_number_taken_from_file_name(tmp_path):
@@ -282,11 +279,11 @@ def test_two_stack_series_is_split_and_the_labelled_stack_chosen(tmp_path):
     assert axial.orientation_label == "AX"
     assert axial.instance_numbers.tolist() == [50, 51, 52]
     assert _corners(axial) == [7, 8, 9]
-    assert any("2 stacks" in r for _, r in axial.problems)
+    assert any("2 stacks" in p.message for p in axial.problems)
     # Labels on both stacks: the stack holding most of them wins, the rest are reported.
     sag = read_series(tmp_path, instance_numbers=[1, 2, 50])
     assert sag.orientation_label == "SAG"
-    assert any("[50] are not in the stack read" in r for _, r in sag.problems)
+    assert any("[50] are not in the stack read" in p.message for p in sag.problems)
     stacks = read_stacks(tmp_path)
     assert [v.orientation_label for v in stacks] == ["SAG", "AX"]
     assert [len(v) for v in stacks] == [6, 3]
@@ -301,8 +298,8 @@ def test_tilted_axial_blocks_stay_in_one_stack(tmp_path):
     (volume,) = read_stacks(tmp_path)
     # First block's IOP is the reference (3 slices each; first seen wins the tie).
     assert volume.instance_numbers.tolist() == [1, 2, 3, 10, 11, 12]
-    assert any("not parallel (normals differ by up to 15.0 deg)" in r
-               for _, r in volume.problems)
+    assert any("not parallel (normals differ by up to 15.0 deg)" in p.message
+               for p in volume.problems)
 
 
 # --- Odd and missing tags --------------------------------------------------------------------
@@ -324,7 +321,7 @@ def test_missing_optional_tags_do_not_matter(tmp_path):
     assert volume.slice_spacing == pytest.approx(3.3)
     assert np.isnan(volume.pixel_spacing).all()
     assert volume.series_description == ""
-    assert [r for _, r in volume.problems] == ["5 slices without PixelSpacing"]
+    assert [p.message for p in volume.problems] == ["5 slices without PixelSpacing"]
 
 
 def test_slices_of_different_shapes(tmp_path):
@@ -333,7 +330,7 @@ def test_slices_of_different_shapes(tmp_path):
     volume = read_series(tmp_path)
     assert [s.shape for s in volume.slices] == shapes
     assert volume.shapes.tolist() == [list(s) for s in shapes]
-    assert [r for _, r in volume.problems] == [
+    assert [p.message for p in volume.problems] == [
         "slices of different shapes: 32x32 (3), 48x40 (2)"]
     with pytest.raises(ValueError, match="different shapes"):
         volume.array()
@@ -367,8 +364,6 @@ def test_lazy_read_decodes_on_access_and_still_drops_truncated_files(tmp_path):
 
 
 def test_lazy_read_raises_on_a_slice_that_cannot_be_decoded(tmp_path):
-    from spinegrade.io.dicom import PixelDecodeError
-
     folder = tmp_path / "s"
     write_series(folder, n=3, transfer_syntax="rle")
     bad = sorted(folder.glob("*.dcm"))[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -17,12 +18,14 @@ from dicom_fixtures import write_broken_file, write_series
 from spinegrade.cli import main
 from spinegrade.config import DataConfig, load_config
 from spinegrade.constants import LEVEL_TITLES, SEVERITIES, TRAIN_COLUMNS, train_column
-from spinegrade.data.cache import KILL_ENV, CropCache, crops_from_dicom, prepare
+from spinegrade.data.cache import CropCache
+from spinegrade.data.prepare import KILL_ENV, prepare
 from spinegrade.data.preprocess import CropRequest
-from spinegrade.data.rsna import read_problems
+from spinegrade.data.reference import crops_from_dicom
+from spinegrade.problems import read_problems
 
 SPINAL = "spinal_canal_stenosis"
-CFG = DataConfig(img_size=16, n_slices=7)
+CFG = dataclasses.asdict(DataConfig(img_size=16, n_slices=7))
 
 
 def _pixels(study: int):
@@ -100,7 +103,7 @@ def test_damaged_inputs_end_up_in_problems(tmp_path):
 
 def test_cached_crop_equals_naive_path(tmp_path):
     root = make_dataset(tmp_path / "data", n_studies=2)
-    cfg = DataConfig(img_size=20, crop_radius_scale=0.6, n_slices=5)
+    cfg = dataclasses.asdict(DataConfig(img_size=20, crop_radius_scale=0.6, n_slices=5))
     cache = CropCache.open(prepare(root, tmp_path / "cache", cfg, workers=1, progress=False))
     assert len(cache) == 10
     for r in cache.index.itertuples():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
+import pydicom
 import pytest
 
 from dicom_fixtures import write_series
@@ -208,8 +209,6 @@ def _expected_crop(path, x: float, y: float, cfg: DataConfig) -> np.ndarray:
     per channel, a ``2r x 2r`` box centred on pixel ``floor(x + 0.5)`` with zero padding,
     then ``cv2.resize`` to ``img_size``: channel-first ``(3, S, S)`` uint8.
     """
-    import pydicom
-
     ds = pydicom.dcmread(path)
     img = ds.pixel_array.astype(np.float64) * float(getattr(ds, "RescaleSlope", 1.0)) \
         + float(getattr(ds, "RescaleIntercept", 0.0))

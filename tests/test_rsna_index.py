@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from spinegrade.constants import LEVELS, TRAIN_COLUMNS, train_column
-from spinegrade.data.rsna import build_index, read_problems, write_problems
+from spinegrade.data.rsna import build_index
 from spinegrade.errors import UserError
+from spinegrade.problems import read_problems, write_problems
 
 SPINAL = "spinal_canal_stenosis"
 

@@ -7,6 +7,7 @@ skips finished stages (an interrupted training resumes from its last checkpoint)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -90,9 +91,10 @@ def run(args: argparse.Namespace) -> int:
         return {"data": str(data), "grade_counts": summary.grade_counts[cfg.data.condition]}
 
     def prepare() -> dict[str, Any]:
-        from spinegrade.data.cache import prepare as prepare_cache
+        from spinegrade.data.prepare import prepare as prepare_cache
 
-        return {"cache": str(prepare_cache(data, cache_root, cfg.data, workers=args.workers))}
+        settings = dataclasses.asdict(cfg.data)
+        return {"cache": str(prepare_cache(data, cache_root, settings, workers=args.workers))}
 
     def train() -> dict[str, Any]:
         from spinegrade.engine.train import fit

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from spinegrade.errors import UserError
+
 EXAMPLES = """\
 examples:
   spinegrade gallery cache/ --out crops.png
@@ -31,8 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: build_parser imports every command module, and matplotlib would
+    # slow down every other command's start.
     from spinegrade.data.cache import CropCache
-    from spinegrade.errors import UserError
     from spinegrade.report.gallery import channel_names, make_gallery
 
     if args.per_class < 1:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 from pydicom import uid as dicom_uid
+from tqdm import tqdm
 
 from spinegrade.errors import UserError
 from spinegrade.io.dicom import SeriesReadError, Volume, find_series_dirs, read_stacks
@@ -69,8 +70,6 @@ def inspect_path(path: str | Path, *, progress: bool = True) -> list[dict]:
     Raises:
         UserError: ``path`` does not exist, is a file, or holds no files.
     """
-    from tqdm import tqdm
-
     root = Path(path)
     if not root.exists():
         raise UserError(f"{root}: no such folder; pass a series, study or images folder")
@@ -115,7 +114,7 @@ def summarise(volume: Volume) -> dict:
         "instance_order": volume.instance_order,
         "instance_order_matches": volume.instance_order_matches,
         "instances_in_spatial_order": volume.instance_numbers.tolist(),
-        "problems": [{"file": f, "reason": r} for f, r in volume.problems],
+        "problems": [{"file": p.file, "reason": p.message} for p in volume.problems],
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 from spinegrade.cli import add_config_args
 from spinegrade.constants import CONDITIONS
@@ -41,16 +42,19 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Here, not at the top: build_parser imports every command module, and the pipeline's
+    # imports (pandas, OpenCV, pydicom) would slow down every other command's start.
     from spinegrade.config import load_config, save_config
-    from spinegrade.data.cache import prepare, summarize
+    from spinegrade.data.cache import summarize
+    from spinegrade.data.prepare import prepare
 
     overrides = list(args.overrides)
     if args.condition:
         overrides.append(f"data.condition={args.condition}")
     cfg = load_config(args.config, overrides)
     workers = args.workers if args.workers is not None else max(1, cfg.data.num_workers)
-    cache_dir = prepare(args.data_dir, args.out, cfg.data, workers=max(1, workers),
-                        progress=not args.no_progress)
+    cache_dir = prepare(args.data_dir, args.out, dataclasses.asdict(cfg.data),
+                        workers=max(1, workers), progress=not args.no_progress)
     save_config(cfg, cache_dir)  # the resolved config beside meta.json, as in every output
     print(summarize(cache_dir))
     return 0

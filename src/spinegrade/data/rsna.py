@@ -1,15 +1,17 @@
-"""The sample index: one row per (study, condition, level) from the competition CSVs.
+"""The competition CSVs, parsed once each, and the sample index built from them.
 
-Joins ``train.csv`` (labels), ``train_label_coordinates.csv`` (where each label sits) and
-``train_series_descriptions.csv`` (what each series is). Nothing is dropped silently: every
-row left out, and every oddity kept, is a :class:`Problem`.
+``train.csv`` (labels), ``train_label_coordinates.csv`` (where each label sits) and
+``train_series_descriptions.csv`` (what each series is) each have one parser here
+(:func:`train_labels` / :func:`read_train_labels`, :func:`read_coordinates`,
+:func:`read_series_descriptions`); :func:`build_index` joins them into one row per
+(study, condition, level). Nothing is dropped silently: every row left out, and every oddity
+kept, is a :class:`~spinegrade.problems.Problem`.
 """
 
 from __future__ import annotations
 
-import csv
 import math
-from dataclasses import asdict, dataclass, fields
+from collections.abc import Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -18,70 +20,44 @@ from spinegrade.constants import (
     CONDITION_SERIES,
     CONDITION_TITLES,
     CONDITIONS,
+    COORD_COLUMNS,
+    COORDINATES_CSV,
     LEVEL_TITLE_TO_INDEX,
     LEVELS,
+    SERIES_COLUMNS,
     SERIES_DESCRIPTIONS,
     SEVERITY_TO_INDEX,
     TITLE_TO_CONDITION,
+    TRAIN_CSV,
+    images_dir_name,
+    series_descriptions_csv,
     train_column,
 )
 from spinegrade.errors import UserError
-from spinegrade.io.atomic import atomic_path
+from spinegrade.problems import Problem
 
-TRAIN_CSV = "train.csv"
-COORDS_CSV = "train_label_coordinates.csv"
-SERIES_CSV = "train_series_descriptions.csv"
-IMAGES_DIR = "train_images"
+# The labelled split: the only one with train.csv and the coordinates CSV.
+LABELLED_SPLIT = "train"
 
 INDEX_COLUMNS: tuple[str, ...] = (
     "study_id", "series_id", "instance_number", "x", "y", "condition", "level", "level_idx",
     "label", "series_description",
 )
+# read_train_labels: one row per usable (study, condition, level) cell of train.csv.
+LABEL_COLUMNS: tuple[str, ...] = ("study_id", "condition", "level", "level_idx", "label", "row")
+# read_coordinates: one row per usable point; ``condition`` in column form.
+POINT_COLUMNS: tuple[str, ...] = (
+    "study_id", "series_id", "instance_number", "condition", "level_idx", "x", "y", "row",
+)
 
 
-@dataclass(frozen=True)
-class Problem:
-    """One file or row that was skipped, or kept with a warning, and why.
-
-    Attributes:
-        study_id: study, or -1 when unknown.
-        series_id: series, or -1 when unknown.
-        file: the file concerned (CSV or DICOM), relative to the data dir where possible.
-        row: 1-based data row in ``file`` for CSV problems, -1 otherwise.
-        kind: short machine-readable reason, e.g. ``empty_label``, ``missing_series``.
-        severity: ``skipped`` (the sample/file is left out) or ``warning`` (kept).
-        message: one human-readable sentence.
-    """
-
-    study_id: int
-    series_id: int
-    file: str
-    row: int
-    kind: str
-    severity: str
-    message: str
+def series_folder(data_dir: str | Path, study_id: int | str, series_id: int | str,
+                  split: str = LABELLED_SPLIT) -> Path:
+    """``DATA/<split>_images/<study>/<series>``: the DICOM folder of one series."""
+    return Path(data_dir) / images_dir_name(split) / str(study_id) / str(series_id)
 
 
-PROBLEM_COLUMNS: tuple[str, ...] = tuple(f.name for f in fields(Problem))
-
-
-def write_problems(path: str | Path, problems: list[Problem]) -> None:
-    """Write ``problems.csv`` (header always present) atomically."""
-    with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PROBLEM_COLUMNS)
-        writer.writeheader()
-        for p in problems:
-            writer.writerow(asdict(p))
-
-
-def read_problems(path: str | Path) -> list[Problem]:
-    """Read a ``problems.csv`` written by :func:`write_problems`."""
-    df = pd.read_csv(path, dtype={"file": str, "message": str}, keep_default_na=False)
-    return [Problem(int(r.study_id), int(r.series_id), r.file, int(r.row), r.kind, r.severity,
-                    r.message) for r in df.itertuples(index=False)]
-
-
-def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
+def _read_csv(path: Path, required: Sequence[str]) -> pd.DataFrame:
     if not path.is_file():
         raise UserError(f"{path}: file not found; is this an RSNA 2024 Lumbar Spine data folder?")
     try:
@@ -91,9 +67,12 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> pd.DataFrame:
     missing = [c for c in required if c not in df.columns]
     if missing:
         raise UserError(f"{path}: missing column(s) {', '.join(missing)}")
-    # 1-based data row as a spreadsheet shows it, minus the header.
-    df["_row"] = range(1, len(df) + 1)
     return df
+
+
+def _records(df: pd.DataFrame) -> list[tuple[int, dict]]:
+    """(1-based data row as a spreadsheet shows it, minus the header; record) per row."""
+    return list(enumerate(df.to_dict("records"), start=1))
 
 
 def _as_int(value: object) -> int | None:
@@ -104,126 +83,204 @@ def _as_int(value: object) -> int | None:
     return int(f) if math.isfinite(f) and f == int(f) else None
 
 
-def _labels(data_dir: Path, condition: str, problems: list[Problem]) -> dict[tuple[int, int], int]:
-    """(study_id, level_idx) -> label index from train.csv; empty/bad cells become Problems."""
-    df = _read_csv(data_dir / TRAIN_CSV, ("study_id",) + tuple(
-        train_column(condition, lv) for lv in LEVELS))
-    labels: dict[tuple[int, int], int] = {}
-    for rec in df.to_dict("records"):
-        row = rec["_row"]
+def train_labels(train: pd.DataFrame, problems: list[Problem],
+                 conditions: Sequence[str] = CONDITIONS, file: str = TRAIN_CSV) -> pd.DataFrame:
+    """The labels of a ``train.csv`` frame, one row per usable cell (``LABEL_COLUMNS``).
+
+    Args:
+        train: the CSV as ``pd.read_csv`` gives it (``study_id`` + ``{condition}_{level}``
+            columns holding ``Normal/Mild``/``Moderate``/``Severe`` or empty).
+        problems: gets a Problem per bad study id, empty or unknown label.
+        conditions: conditions whose columns are read (they must exist).
+        file: the name problems give the CSV.
+
+    Returns:
+        ``study_id`` (int), ``condition``, ``level`` (e.g. ``l3_l4``), ``level_idx``,
+        ``label`` (severity index) and ``row`` (1-based data row), in file order.
+    """
+    out = []
+    for row, rec in _records(train):
         study = _as_int(rec["study_id"])
         if study is None:
-            if all(pd.isna(v) for k, v in rec.items() if k != "_row"):
+            if all(pd.isna(v) for v in rec.values()):
                 continue  # blank trailing rows in some published copies: not data
-            problems.append(Problem(-1, -1, TRAIN_CSV, row, "bad_study_id", "skipped",
-                                    f"study_id {rec['study_id']!r} is not an integer"))
+            problems.append(Problem.skipped(kind="bad_study_id", file=file, row=row,
+                                            message=f"study_id {rec['study_id']!r} is not an "
+                                                    "integer"))
             continue
-        for li, level in enumerate(LEVELS):
-            value = rec[train_column(condition, level)]
-            if pd.isna(value) or str(value).strip() == "":
-                problems.append(Problem(study, -1, TRAIN_CSV, row, "empty_label", "skipped",
-                                        f"no label for {condition} {level}"))
-            elif str(value).strip() not in SEVERITY_TO_INDEX:
-                problems.append(Problem(study, -1, TRAIN_CSV, row, "bad_label", "skipped",
-                                        f"unknown severity {value!r} for {condition} {level}"))
-            else:
-                labels[(study, li)] = SEVERITY_TO_INDEX[str(value).strip()]
-    return labels
+        for condition in conditions:
+            for li, level in enumerate(LEVELS):
+                label = _severity(rec[train_column(condition, level)], condition, level,
+                                  problems, dict(study_id=study, file=file, row=row))
+                if label is not None:
+                    out.append((study, condition, level, li, label, row))
+    return pd.DataFrame(out, columns=list(LABEL_COLUMNS))
 
 
-def _series_descriptions(data_dir: Path, problems: list[Problem]) -> dict[int, str]:
-    df = _read_csv(data_dir / SERIES_CSV, ("study_id", "series_id", "series_description"))
+def _severity(value: object, condition: str, level: str, problems: list[Problem],
+              where: dict) -> int | None:
+    """The severity index of one train.csv cell; None (and a Problem) if empty or unknown."""
+    if pd.isna(value) or str(value).strip() == "":
+        problems.append(Problem.skipped(kind="empty_label", **where,
+                                        message=f"no label for {condition} {level}"))
+        return None
+    if str(value).strip() not in SEVERITY_TO_INDEX:
+        problems.append(Problem.skipped(kind="bad_label", **where,
+                                        message=f"unknown severity {value!r} for {condition} "
+                                                f"{level}"))
+        return None
+    return SEVERITY_TO_INDEX[str(value).strip()]
+
+
+def read_train_labels(data_dir: str | Path, problems: list[Problem],
+                      conditions: Sequence[str] = CONDITIONS) -> pd.DataFrame:
+    """:func:`train_labels` of ``DATA/train.csv``.
+
+    Raises:
+        UserError: the file is missing, unreadable or lacks the conditions' columns.
+    """
+    required = ("study_id",) + tuple(train_column(c, lv) for c in conditions for lv in LEVELS)
+    return train_labels(_read_csv(Path(data_dir) / TRAIN_CSV, required), problems, conditions)
+
+
+def read_series_descriptions(data_dir: str | Path, problems: list[Problem],
+                             split: str = LABELLED_SPLIT) -> dict[int, str]:
+    """series id -> description from ``<split>_series_descriptions.csv``.
+
+    Descriptions other than ``SERIES_DESCRIPTIONS`` are kept, each with a warning; rows
+    without an integer series id are left out.
+
+    Raises:
+        UserError: the file is missing, unreadable or lacks columns.
+    """
+    name = series_descriptions_csv(split)
+    df = _read_csv(Path(data_dir) / name, SERIES_COLUMNS)
     out: dict[int, str] = {}
-    for rec in df.to_dict("records"):
+    for row, rec in _records(df):
         series = _as_int(rec["series_id"])
         if series is None:
             continue
         desc = str(rec["series_description"]).strip()
         if desc not in SERIES_DESCRIPTIONS:
-            problems.append(Problem(_as_int(rec["study_id"]) or -1, series, SERIES_CSV,
-                                    rec["_row"], "unknown_series_description", "warning",
-                                    f"series description {desc!r} is not one of "
-                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
+            problems.append(Problem.warning(
+                kind="unknown_series_description", study_id=_as_int(rec["study_id"]),
+                series_id=series, file=name, row=row,
+                message=f"series description {desc!r} is not one of "
+                        f"{', '.join(SERIES_DESCRIPTIONS)}"))
         out[series] = desc
     return out
 
 
-def _coordinate_rows(data_dir: Path, condition: str, problems: list[Problem]) -> list[dict]:
-    """Rows of the coordinates CSV for ``condition``, validated (bad ones become Problems)."""
-    df = _read_csv(data_dir / COORDS_CSV,
-                   ("study_id", "series_id", "instance_number", "condition", "level", "x", "y"))
+def read_coordinates(data_dir: str | Path, problems: list[Problem],
+                     conditions: Sequence[str] = CONDITIONS) -> pd.DataFrame:
+    """The usable points of ``train_label_coordinates.csv`` for ``conditions``.
+
+    Rows of an unknown condition, and rows of ``conditions`` with a bad id, level or
+    coordinate, become Problems; rows of other known conditions are passed over silently.
+
+    Returns:
+        ``POINT_COLUMNS``: ints ``study_id, series_id, instance_number, level_idx, row``
+        (1-based data row), ``condition`` in column form, float ``x, y``; in file order.
+
+    Raises:
+        UserError: the file is missing, unreadable or lacks columns.
+    """
+    df = _read_csv(Path(data_dir) / COORDINATES_CSV, COORD_COLUMNS)
+    wanted = set(conditions)
     rows = []
-    for rec in df.to_dict("records"):
-        row = rec["_row"]
-        title = str(rec["condition"]).strip()
+    for row, rec in _records(df):
         study, series = _as_int(rec["study_id"]), _as_int(rec["series_id"])
         if study is None and series is None and pd.isna(rec["condition"]):
             continue  # blank line
+        where = dict(study_id=study, series_id=series, file=COORDINATES_CSV, row=row)
+        title = str(rec["condition"]).strip()
         if title not in TITLE_TO_CONDITION:
-            problems.append(Problem(study or -1, series or -1, COORDS_CSV, row,
-                                    "unknown_condition", "skipped",
-                                    f"condition {title!r} is not one of the five"))
+            problems.append(Problem.skipped(kind="unknown_condition", **where,
+                                            message=f"condition {title!r} is not one of the five"))
             continue
-        if TITLE_TO_CONDITION[title] != condition:
+        if TITLE_TO_CONDITION[title] not in wanted:
             continue
-        level = str(rec["level"]).strip()
-        instance = _as_int(rec["instance_number"])
-        x, y = pd.to_numeric(rec["x"], errors="coerce"), pd.to_numeric(rec["y"], errors="coerce")
-        bad = None
-        if study is None or series is None or instance is None:
-            bad = ("bad_coordinate_row", "study_id, series_id or instance_number is not an integer")
-        elif level not in LEVEL_TITLE_TO_INDEX:
-            bad = ("unknown_level", f"level {level!r} is not one of L1/L2 .. L5/S1")
-        elif not (math.isfinite(x) and math.isfinite(y)):
-            bad = ("missing_coordinate", f"x, y = {rec['x']!r}, {rec['y']!r}")
-        elif x < 0 or y < 0:
-            bad = ("coordinate_out_of_image", f"negative coordinate ({x}, {y})")
-        if bad:
-            problems.append(Problem(study or -1, series or -1, COORDS_CSV, row, bad[0], "skipped",
-                                    bad[1]))
-            continue
-        rows.append(dict(study_id=study, series_id=series, instance_number=instance,
-                         x=float(x), y=float(y), level_idx=LEVEL_TITLE_TO_INDEX[level], _row=row))
-    return rows
+        point = _point(rec, where, problems)
+        if point is not None:
+            rows.append((study, series, point[0], TITLE_TO_CONDITION[title], *point[1:], row))
+    out = pd.DataFrame(rows, columns=list(POINT_COLUMNS))
+    return out.astype({c: "int64" for c in POINT_COLUMNS if c not in ("condition", "x", "y")})
 
 
-def _join(data_dir: Path, condition: str, coords: list[dict], labels: dict[tuple[int, int], int],
+def _point(rec: dict, where: dict, problems: list[Problem]
+           ) -> tuple[int, int, float, float] | None:
+    """(instance, level_idx, x, y) of one coordinate row; None (and a Problem) if unusable."""
+    level = str(rec["level"]).strip()
+    instance = _as_int(rec["instance_number"])
+    x, y = pd.to_numeric(rec["x"], errors="coerce"), pd.to_numeric(rec["y"], errors="coerce")
+    bad = None
+    if where["study_id"] is None or where["series_id"] is None or instance is None:
+        bad = ("bad_coordinate_row", "study_id, series_id or instance_number is not an integer")
+    elif level not in LEVEL_TITLE_TO_INDEX:
+        bad = ("unknown_level", f"level {level!r} is not one of L1/L2 .. L5/S1")
+    elif not (math.isfinite(x) and math.isfinite(y)):
+        bad = ("missing_coordinate", f"x, y = {rec['x']!r}, {rec['y']!r}")
+    elif x < 0 or y < 0:
+        bad = ("coordinate_out_of_image", f"negative coordinate ({x}, {y})")
+    if bad:
+        problems.append(Problem.skipped(kind=bad[0], message=bad[1], **where))
+        return None
+    return instance, LEVEL_TITLE_TO_INDEX[level], float(x), float(y)
+
+
+def _join(data_dir: Path, condition: str, points: pd.DataFrame, labels: dict[tuple[int, int], int],
           descriptions: dict[int, str], problems: list[Problem]) -> list[dict]:
-    """Match coordinates with labels and series; unmatched labels/coordinates are Problems."""
+    """Match points with labels and series; unmatched labels/points are Problems."""
     expected = CONDITION_SERIES[condition]
     out, seen = [], set()
-    for c in coords:
+    for c in points.to_dict("records"):
         study, series, li = c["study_id"], c["series_id"], c["level_idx"]
-        where = dict(study_id=study, series_id=series, file=COORDS_CSV, row=c["_row"])
+        where = dict(study_id=study, series_id=series, file=COORDINATES_CSV, row=c["row"])
         if (study, li) in seen:
-            problems.append(Problem(**where, kind="duplicate_coordinate", severity="skipped",
-                                    message=f"a second point for {LEVELS[li]}; the first is used"))
+            problems.append(Problem.skipped(kind="duplicate_coordinate", **where,
+                                            message=f"a second point for {LEVELS[li]}; the "
+                                                    "first is used"))
             continue
         seen.add((study, li))
-        if (study, li) not in labels:
-            # Either an empty label (already reported) or a study absent from train.csv.
-            problems.append(Problem(**where, kind="no_label", severity="skipped",
-                                    message=f"no usable train.csv label for {LEVELS[li]}"))
-            continue
-        desc = descriptions.get(series)
+        desc = _usable_series(data_dir, c, labels, descriptions, where, problems)
         if desc is None:
-            problems.append(Problem(**where, kind="unknown_series", severity="skipped",
-                                    message=f"series {series} is not in {SERIES_CSV}"))
-            continue
-        if not (data_dir / IMAGES_DIR / str(study) / str(series)).is_dir():
-            problems.append(Problem(**where, kind="missing_series", severity="skipped",
-                                    message=f"folder {IMAGES_DIR}/{study}/{series} not found"))
             continue
         if desc != expected:
-            problems.append(Problem(**where, kind="unexpected_series_type", severity="warning",
-                                    message=f"{condition} labeled on {desc!r}, expected {expected!r}"))
+            problems.append(Problem.warning(kind="unexpected_series_type", **where,
+                                            message=f"{condition} labeled on {desc!r}, "
+                                                    f"expected {expected!r}"))
         out.append(dict(study_id=study, series_id=series, instance_number=c["instance_number"],
                         x=c["x"], y=c["y"], condition=condition, level=LEVELS[li],
                         level_idx=li, label=labels[(study, li)], series_description=desc))
     for study, li in sorted(set(labels) - seen):
-        problems.append(Problem(study, -1, TRAIN_CSV, -1, "no_coordinates", "skipped",
-                                f"label for {LEVELS[li]} has no point in {COORDS_CSV}"))
+        problems.append(Problem.skipped(kind="no_coordinates", study_id=study, file=TRAIN_CSV,
+                                        message=f"label for {LEVELS[li]} has no point in "
+                                                f"{COORDINATES_CSV}"))
     return out
+
+
+def _usable_series(data_dir: Path, point: dict, labels: dict[tuple[int, int], int],
+                   descriptions: dict[int, str], where: dict, problems: list[Problem]
+                   ) -> str | None:
+    """The description of a point's series; None (and a Problem) if the point is unusable."""
+    study, series, li = point["study_id"], point["series_id"], point["level_idx"]
+    if (study, li) not in labels:
+        # Either an empty label (already reported) or a study absent from train.csv.
+        problems.append(Problem.skipped(kind="no_label", **where,
+                                        message=f"no usable {TRAIN_CSV} label for {LEVELS[li]}"))
+        return None
+    desc = descriptions.get(series)
+    if desc is None:
+        problems.append(Problem.skipped(
+            kind="unknown_series", **where,
+            message=f"series {series} is not in {series_descriptions_csv(LABELLED_SPLIT)}"))
+        return None
+    if not series_folder(data_dir, study, series).is_dir():
+        problems.append(Problem.skipped(
+            kind="missing_series", **where,
+            message=f"folder {images_dir_name(LABELLED_SPLIT)}/{study}/{series} not found"))
+        return None
+    return desc
 
 
 def build_index(data_dir: str | Path, condition: str = CONDITIONS[0]) -> tuple[pd.DataFrame, list[Problem]]:
@@ -246,10 +303,12 @@ def build_index(data_dir: str | Path, condition: str = CONDITIONS[0]) -> tuple[p
         raise UserError(f"unknown condition {condition!r}; choose one of {', '.join(CONDITIONS)}")
     data_dir = Path(data_dir)
     problems: list[Problem] = []
-    labels = _labels(data_dir, condition, problems)
-    descriptions = _series_descriptions(data_dir, problems)
-    coords = _coordinate_rows(data_dir, condition, problems)
-    rows = _join(data_dir, condition, coords, labels, descriptions, problems)
+    label_rows = read_train_labels(data_dir, problems, (condition,))
+    labels = {(r["study_id"], r["level_idx"]): r["label"]
+              for r in label_rows.to_dict("records")}
+    descriptions = read_series_descriptions(data_dir, problems)
+    points = read_coordinates(data_dir, problems, (condition,))
+    rows = _join(data_dir, condition, points, labels, descriptions, problems)
     index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
     index = index.sort_values(["study_id", "level_idx"], kind="stable").reset_index(drop=True)
     for col in ("study_id", "series_id", "instance_number", "level_idx", "label"):

@@ -41,12 +41,12 @@ from spinegrade.constants import (
     TITLE_TO_CONDITION,
     is_sagittal,
 )
-from spinegrade.data.rsna import Problem, write_problems
 from spinegrade.engine.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
 from spinegrade.io.dicom import Volume, read_series
 from spinegrade.models.localizer import HeatmapLocalizer
+from spinegrade.problems import Problem, write_problems
 
 _log = logging.getLogger(__name__)
 
@@ -227,8 +227,8 @@ def read_coordinates(data_dir: Path, problems: list[Problem]) -> pd.DataFrame:
     bad = df[["study_id", "series_id", "instance_number", "x", "y", "condition",
               "level_idx"]].isna().any(axis=1)
     for i in np.flatnonzero(bad.to_numpy()):
-        problems.append(Problem(-1, -1, path.name, int(i) + 1, "bad_coordinate_row", "skipped",
-                                "missing or unknown value in a coordinate row"))
+        problems.append(Problem.skipped(kind="bad_coordinate_row", file=path.name, row=int(i) + 1,
+                                        message="missing or unknown value in a coordinate row"))
     df = df[~bad].copy()
     for col in ("study_id", "series_id", "instance_number", "level_idx"):
         df[col] = df[col].astype(np.int64)
@@ -262,8 +262,9 @@ def label_series(series: PreparedSeries, rows: pd.DataFrame, task: LocalizerTask
         c = task.channel(r.condition, r.level_idx)
         hits = np.flatnonzero(series.instance_numbers == r.instance_number)
         if hits.size == 0:
-            problems.append(Problem(series.study_id, series.series_id, "", -1, "missing_instance",
-                                    "skipped", f"labelled instance {r.instance_number} not read"))
+            problems.append(Problem.skipped(
+                kind="missing_instance", study_id=series.study_id, series_id=series.series_id,
+                message=f"labelled instance {r.instance_number} not read"))
             continue
         slice_idx[c] = hits[0]
         xy[c] = series.to_grid(int(hits[0]), float(r.x), float(r.y))
@@ -652,8 +653,9 @@ def load_task_series(data_dir: Path, task: LocalizerTask, coords: pd.DataFrame,
             vol = read_series(folder, g["instance_number"].tolist())
             prep = prepare_series(vol, study, series_id, lcfg.img_size, lcfg.intensity_percentiles)
         except (UserError, OSError, ValueError) as e:
-            problems.append(Problem(int(study), int(series_id), str(folder), -1, "unreadable_series",
-                                    "skipped", str(e)))
+            problems.append(Problem.skipped(kind="unreadable_series", study_id=int(study),
+                                            series_id=int(series_id), file=str(folder),
+                                            message=str(e)))
             continue
         lab = label_series(prep, g, task, problems)
         if lab.mask.any():

@@ -191,7 +191,8 @@ def _check_cache(cfg: Config, cache: Any) -> None:
     from spinegrade.data.cache import check_cache_matches
 
     # meta.json's pixel_config also holds the preprocessing code version.
-    check_cache_matches(cfg.data, cache.meta.get("pixel_config", cache.data_cfg))
+    check_cache_matches(dataclasses.asdict(cfg.data),
+                        cache.meta.get("pixel_config", cache.data_cfg))
     n, slices, _, h, w = cache.crops.shape
     if slices != cfg.data.n_slices or h != cfg.data.img_size:
         raise UserError(f"{cache.path}: crops are {slices} slices x {h}x{w} px but the config "

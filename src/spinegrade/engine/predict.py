@@ -41,7 +41,6 @@ from spinegrade.constants import (
 )
 from spinegrade.data.cache import PROBLEMS_FILE, CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
-from spinegrade.data.rsna import Problem, write_problems
 from spinegrade.engine.localizer import LocalizerRun, resolve_device
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
@@ -63,6 +62,7 @@ from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
 from spinegrade.io.dicom import Volume
 from spinegrade.models import build_model
+from spinegrade.problems import Problem, write_problems
 from spinegrade.report.predict import plot_study
 
 _log = logging.getLogger(__name__)
@@ -296,9 +296,10 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
                 probs[(cond, lv)], source[(cond, lv)] = mixed, "model"
                 continue
             probs[(cond, lv)], source[(cond, lv)] = prior[lv], f"prior: {reasons[lv]}"
-            problems.append(Problem(_int(st.study_id), -1, "", -1, "prior_used", "warning",
-                                    f"{row_id(st.study_id, cond, LEVELS[lv])}: {reasons[lv]}; "
-                                    "prior probabilities used"))
+            problems.append(Problem.warning(
+                kind="prior_used", study_id=_int(st.study_id),
+                message=f"{row_id(st.study_id, cond, LEVELS[lv])}: {reasons[lv]}; "
+                        "prior probabilities used"))
     return StudyResult(st.study_id, probs, source, located,
                        {sid: v for sid, (_, v) in volumes.items()}, time.perf_counter() - start)
 
@@ -405,8 +406,8 @@ def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
     try:
         plot_study(res, path)
     except Exception as e:  # a figure must never cost a submission row
-        problems.append(Problem(_int(res.study_id), -1, str(path), -1, "figure_failed",
-                                "warning", f"{type(e).__name__}: {e}"))
+        problems.append(Problem.warning(kind="figure_failed", study_id=_int(res.study_id),
+                                        file=str(path), message=f"{type(e).__name__}: {e}"))
 
 
 def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResult],

@@ -20,10 +20,10 @@ from spinegrade.constants import (
     SAGITTAL_T2,
     SERIES_DESCRIPTIONS,
 )
-from spinegrade.data.rsna import Problem
 from spinegrade.engine.localizer import LocalizerRun
 from spinegrade.errors import UserError
 from spinegrade.io.dicom import Volume, read_series
+from spinegrade.problems import Problem
 
 
 @dataclass
@@ -77,16 +77,17 @@ def study_from_folder(folder: Path) -> tuple[StudyInput, list[Problem]]:
         try:
             vol = read_series(sub, load_pixels=False)
         except (UserError, OSError) as e:
-            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
-                                    "unreadable_series", "skipped", str(e)))
+            problems.append(Problem.skipped(kind="unreadable_series", study_id=_int(st.study_id),
+                                            series_id=_int(sub.name), file=str(sub),
+                                            message=str(e)))
             continue
         desc = series_type(vol.series_description, vol.orientation_label)
         if desc is None:
-            problems.append(Problem(_int(st.study_id), _int(sub.name), str(sub), -1,
-                                    "unknown_series_type", "skipped",
-                                    f"SeriesDescription '{vol.series_description}' "
-                                    f"({vol.orientation_label}) is not one of "
-                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
+            problems.append(Problem.skipped(kind="unknown_series_type", study_id=_int(st.study_id),
+                                            series_id=_int(sub.name), file=str(sub),
+                                            message=f"SeriesDescription '{vol.series_description}' "
+                                                    f"({vol.orientation_label}) is not one of "
+                                                    f"{', '.join(SERIES_DESCRIPTIONS)}"))
             continue
         st.series.append((sub.name, desc, sub))
     return st, problems
@@ -101,18 +102,21 @@ def read_volumes(st: StudyInput, problems: list[Problem]) -> dict[str, tuple[str
     out: dict[str, tuple[str, Volume]] = {}
     for sid, desc, folder in st.series:
         if not folder.is_dir():
-            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
-                                    "missing_series", "skipped", "series folder not found"))
+            problems.append(Problem.skipped(kind="missing_series", study_id=_int(st.study_id),
+                                            series_id=_int(sid), file=str(folder),
+                                            message="series folder not found"))
             continue
         try:
             out[sid] = (desc, read_series(folder))
         except (UserError, OSError, ValueError) as e:
-            problems.append(Problem(_int(st.study_id), _int(sid), str(folder), -1,
-                                    "unreadable_series", "skipped", str(e)))
+            problems.append(Problem.skipped(kind="unreadable_series", study_id=_int(st.study_id),
+                                            series_id=_int(sid), file=str(folder),
+                                            message=str(e)))
     present = {d for d, _ in out.values()}
     for desc in sorted(set(CONDITION_SERIES.values()) - present):
-        problems.append(Problem(_int(st.study_id), -1, "", -1, "no_series", "warning",
-                                f"no readable {desc} series: its conditions get the prior"))
+        problems.append(Problem.warning(kind="no_series", study_id=_int(st.study_id),
+                                        message=f"no readable {desc} series: its conditions "
+                                                "get the prior"))
     return out
 
 
@@ -128,8 +132,9 @@ def locate_levels(localizer: LocalizerRun, st: StudyInput,
         try:
             prepared.append((desc, localizer.prepare(vol, _int(st.study_id), k)))
         except (ValueError, cv2.error) as e:
-            problems.append(Problem(_int(st.study_id), _int(sid), str(vol.path), -1,
-                                    "localizer_failed", "skipped", str(e)))
+            problems.append(Problem.skipped(kind="localizer_failed", study_id=_int(st.study_id),
+                                            series_id=_int(sid), file=str(vol.path),
+                                            message=str(e)))
     located = localizer.locate(prepared)
     located["series_id"] = [keys[int(k)] for k in located["series_id"]]
     located["study_id"] = st.study_id
