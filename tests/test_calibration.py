@@ -39,7 +39,8 @@ def test_weighted_nll_equals_sklearn():
     y = rng.integers(0, 3, 200)
     y[0] = 2
     w = np.asarray(CLASS_WEIGHTS)[y]
-    assert C.weighted_nll(p, y, w) == pytest.approx(log_loss(y, p, sample_weight=w, labels=[0, 1, 2]))
+    expected = log_loss(y, p, sample_weight=w, labels=[0, 1, 2])
+    assert C.weighted_nll(p, y, w) == pytest.approx(expected)
     assert C.weighted_nll(p, y) == pytest.approx(log_loss(y, p, labels=[0, 1, 2]))
     np.testing.assert_array_equal(C.competition_weights(y), w)
 

@@ -201,7 +201,7 @@ def _per_slice_orientations(volume: dicom.Volume) -> np.ndarray:
 def _split_blocks(stack: G.StackGeometry) -> list[G.StackGeometry]:
     """The parallel blocks of a stack as separate stacks (as several axial series would be)."""
     blocks = []
-    for idx in G._parallel_groups(stack.normals):
+    for idx in G.parallel_groups(stack.normals):
         blocks.append(G.StackGeometry.build(stack.positions[idx], stack.orientations[idx],
                                             stack.pixel_spacing[idx], stack.shapes[idx],
                                             stack.instance_numbers[idx]))
@@ -225,7 +225,8 @@ def test_sagittal_discs_map_to_labelled_axial_slices(synth):
         blocks = [b for s in stacks for b in _split_blocks(s)]
         rows = coords[coords.study_id == study]
         for level in LEVEL_TITLES:
-            spinal = rows[(rows.condition == "Spinal Canal Stenosis") & (rows.level == level)].iloc[0]
+            at_level = rows[rows.level == level]
+            spinal = at_level[at_level.condition == "Spinal Canal Stenosis"].iloc[0]
             j = sag.index_of(spinal.instance_number)
             point = G.pixel_to_patient(sag.positions[j], sag.orientation, sag.pixel_spacing[j],
                                        spinal.x, spinal.y)

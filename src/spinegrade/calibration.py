@@ -175,7 +175,8 @@ def choose_prior_mix(probs: np.ndarray, labels: np.ndarray, prior: np.ndarray,
     lo, hi = grid[max(k - 1, 0)], grid[min(k + 1, len(grid) - 1)]
     res = optimize.minimize_scalar(nll, bounds=(lo, hi), method="bounded",
                                    options={"xatol": 1e-6})
-    best, best_loss = (float(res.x), float(res.fun)) if res.fun < losses[k] else (grid[k], losses[k])
+    best, best_loss = (float(res.x), float(res.fun)) if res.fun < losses[k] else (
+        float(grid[k]), float(losses[k]))
     return float(best) if best_loss < losses[0] - MIN_IMPROVEMENT else 0.0
 
 

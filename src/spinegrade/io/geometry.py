@@ -146,7 +146,7 @@ def patient_to_pixel(point: np.ndarray, position: np.ndarray, orientation: np.nd
             float(d @ slice_normal(iop)))
 
 
-def _parallel_groups(normals: np.ndarray) -> list[np.ndarray]:
+def parallel_groups(normals: np.ndarray) -> list[np.ndarray]:
     """Slices whose normals lie within ``PARALLEL_TOLERANCE_DEG`` of a group's first one."""
     cos_tol = np.cos(np.radians(PARALLEL_TOLERANCE_DEG))
     refs: list[np.ndarray] = []
@@ -213,7 +213,9 @@ class StackGeometry:
     @property
     def normals(self) -> np.ndarray:
         """(n, 3) unit normal of each slice."""
-        return np.stack([slice_normal(o) for o in self.orientations]) if len(self) else np.zeros((0, 3))
+        if not len(self):
+            return np.zeros((0, 3))
+        return np.stack([slice_normal(o) for o in self.orientations])
 
     def gaps(self) -> np.ndarray:
         """(n,) slice spacing of each slice, measured among the slices parallel to it.
@@ -223,7 +225,7 @@ class StackGeometry:
         """
         normals = self.normals
         out = np.full(len(self), np.nan)
-        for idx in _parallel_groups(normals):
+        for idx in parallel_groups(normals):
             out[idx] = slice_spacing(self.positions[idx] @ normals[idx[0]])
         fill = np.nanmedian(out) if np.isfinite(out).any() else FALLBACK_SLICE_GAP_MM
         return np.where(np.isfinite(out), out, fill)
