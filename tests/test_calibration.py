@@ -11,6 +11,7 @@ from sklearn.metrics import log_loss
 
 from spinegrade import calibration as C
 from spinegrade.constants import CLASS_WEIGHTS
+from spinegrade.metrics import sample_weights
 
 
 def _sample(rng: np.random.Generator, probs: np.ndarray) -> np.ndarray:
@@ -42,7 +43,7 @@ def test_weighted_nll_equals_sklearn():
     expected = log_loss(y, p, sample_weight=w, labels=[0, 1, 2])
     assert C.weighted_nll(p, y, w) == pytest.approx(expected)
     assert C.weighted_nll(p, y) == pytest.approx(log_loss(y, p, labels=[0, 1, 2]))
-    np.testing.assert_array_equal(C.competition_weights(y), w)
+    np.testing.assert_array_equal(sample_weights(y), w)
 
 
 def test_recovers_known_temperature(tempered):
@@ -57,7 +58,7 @@ def test_recovers_known_temperature(tempered):
 def test_weighted_fit_with_bias_recovers_temperature_and_log_weights(tempered):
     """Under weights w the loss-optimal q ∝ w * softmax(z / T0) = softmax(z / T0 + log w)."""
     z, y = tempered
-    calib = C.fit_calibration(z, y, C.competition_weights(y), bias=True)
+    calib = C.fit_calibration(z, y, sample_weights(y), bias=True)
     assert calib.temperature == pytest.approx(2.5, rel=0.05)
     np.testing.assert_allclose(calib.bias, np.log(CLASS_WEIGHTS) - math.log(CLASS_WEIGHTS[0]),
                                atol=0.12)
@@ -69,7 +70,7 @@ def test_overconfident_model_is_improved_out_of_fold():
     y = _sample(rng, _softmax(z_true))
     z_model = 4.0 * z_true  # confidently right and confidently wrong
     fit, held = slice(0, 6000), slice(6000, None)
-    w = C.competition_weights(y)
+    w = sample_weights(y)
     calib = C.fit_calibration(z_model[fit], y[fit], w[fit], bias=True)
     assert calib.temperature == pytest.approx(4.0, rel=0.1)
     assert calib.nll_after < calib.nll_before - 0.1
@@ -85,11 +86,11 @@ def test_never_increases_nll_on_calibrated_data(seed, n):
     y = _sample(rng, _softmax(z))
     for bias in (False, True):
         prior = np.array([0.7, 0.2, 0.1])
-        calib = C.fit_calibration(z, y, C.competition_weights(y), bias=bias, prior=prior)
+        calib = C.fit_calibration(z, y, sample_weights(y), bias=bias, prior=prior)
         assert calib.nll_after <= calib.nll_before
-        recomputed = C.weighted_nll(C.apply(z, calib, prior), y, C.competition_weights(y))
+        recomputed = C.weighted_nll(C.apply(z, calib, prior), y, sample_weights(y))
         assert recomputed == pytest.approx(calib.nll_after)
-        assert recomputed <= C.weighted_nll(_softmax(z), y, C.competition_weights(y)) + 1e-12
+        assert recomputed <= C.weighted_nll(_softmax(z), y, sample_weights(y)) + 1e-12
 
 
 def test_identity_when_nothing_can_improve():
@@ -203,7 +204,7 @@ def test_reliability_plot_writes_png(tmp_path, tempered):
     z, y = tempered
     calib = C.fit_calibration(z, y)
     out = plot_reliability(_softmax(z), C.apply(z, calib), y, tmp_path / "fig" / "rel.png",
-                           weights=C.competition_weights(y), title="spinal")
+                           weights=sample_weights(y), title="spinal")
     assert out == tmp_path / "fig" / "rel.png"
     data = out.read_bytes()
     assert data.startswith(b"\x89PNG\r\n\x1a\n") and len(data) > 5000

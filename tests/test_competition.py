@@ -364,10 +364,3 @@ def test_class_prior_by_hand():
                                [[8 / 14, 2 / 14, 4 / 14], [1 / 7, 2 / 7, 4 / 7]])
     smoothed = competition.class_prior(np.array([2.0, 0.0, 0.0]), reweight=False, pseudo_count=1.0)
     np.testing.assert_allclose(smoothed, [0.6, 0.2, 0.2])
-
-
-def test_moved_names_still_import_from_metrics():
-    from spinegrade.metrics import competition_score, condition_score
-
-    assert competition_score is competition.competition_score
-    assert condition_score is competition.condition_score

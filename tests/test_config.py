@@ -7,6 +7,7 @@ import dataclasses
 import pytest
 import yaml
 
+from spinegrade import choices
 from spinegrade.cli import main
 from spinegrade.config import (
     PACKAGE_CONFIG_DIR,
@@ -17,6 +18,8 @@ from spinegrade.config import (
     load_config,
     save_config,
 )
+from spinegrade.data.preprocess import INTERPOLATIONS
+from spinegrade.engine.train import SELECT_METRICS
 
 
 def test_v8_resolves_to_the_seed_plan():
@@ -148,3 +151,8 @@ def test_cli_reports_config_errors_without_traceback(capsys):
     err = capsys.readouterr().err
     assert "unknown key 'train.epoch'" in err
     assert "Traceback" not in err
+
+
+def test_other_registries_serve_the_names_config_validates():
+    assert tuple(INTERPOLATIONS) == choices.RESIZE_INTERPOLATIONS
+    assert tuple(SELECT_METRICS) == choices.SELECT_METRICS

@@ -95,7 +95,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.slow
 def test_predict_dataset_with_broken_studies(synth_dir, runs, tmp_path):
-    from spinegrade.metrics import competition_score
+    from spinegrade.competition import competition_score
 
     data = tmp_path / "data"
     shutil.copytree(synth_dir / "test_images", data / "test_images")

@@ -4,8 +4,8 @@ A leaf module (numpy + scipy). Everything works on plain arrays: ``logits`` (n, 
 real scores whose softmax is the prediction; log-probabilities of a model that outputs
 probabilities work too, see :func:`logits_from_probs`), integer ``labels`` (n,) in
 ``[0, K)`` and optional sample ``weights`` (n,). For the competition metric pass
-:func:`competition_weights` (1/2/4 by true severity): the loss-optimal probabilities under
-those weights are the true ones reweighted by [1, 2, 4], so a calibration fitted with them
+:func:`spinegrade.metrics.sample_weights` (1/2/4 by true severity): the loss-optimal
+probabilities under those weights are the true ones reweighted by [1, 2, 4], so a calibration fitted with them
 moves probability towards the severe classes, and its expected calibration error must be
 read with the same weights (a weighted bin accuracy is exactly the reweighted probability).
 
@@ -16,15 +16,15 @@ or mixing weight that does not reduce it is replaced by the identity.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 
 import numpy as np
 from scipy import optimize
 
-from spinegrade.constants import CLASS_WEIGHTS, NUM_CLASSES
+from spinegrade.constants import NUM_CLASSES
+from spinegrade.metrics import EPS, clip_renormalise, weighted_mean
 
-EPS: float = float(np.finfo(np.float64).eps)
 # Search range of the temperature: wide enough for a model 20x over- or under-confident.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0
 # Coarse grid over log T before the bounded 1-D refinement (the NLL is unimodal in log T,
@@ -57,12 +57,6 @@ def _check(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray | None
     return z, y.astype(np.int64), w
 
 
-def competition_weights(labels: np.ndarray | Sequence[int],
-                        class_weights: Sequence[float] = CLASS_WEIGHTS) -> np.ndarray:
-    """Per-sample weights ``class_weights[label]`` (the competition's 1/2/4)."""
-    return np.asarray(class_weights, dtype=np.float64)[np.asarray(labels, dtype=np.int64)]
-
-
 def softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise softmax, numerically stable."""
     z = np.asarray(logits, dtype=np.float64)
@@ -83,12 +77,7 @@ def weighted_nll(probs: np.ndarray, labels: np.ndarray, weights: np.ndarray | No
     Returns NaN when the weights sum to zero (no samples).
     """
     p, y, w = _check(probs, labels, weights)
-    p = np.clip(p, EPS, 1.0 - EPS)
-    p = p / p.sum(axis=1, keepdims=True)
-    total = w.sum()
-    if total <= 0:
-        return float("nan")
-    return float(np.dot(w, -np.log(p[np.arange(len(y)), y])) / total)
+    return weighted_mean(-np.log(clip_renormalise(p)[np.arange(len(y)), y]), w)
 
 
 def _scaled_nll(params: np.ndarray, z: np.ndarray, onehot: np.ndarray, w: np.ndarray
@@ -347,7 +336,7 @@ def fit_calibration(logits: np.ndarray, labels: np.ndarray, weights: np.ndarray 
     Args:
         logits: (n, K) out-of-fold scores.
         labels: (n,) true classes.
-        weights: (n,) sample weights, e.g. ``competition_weights(labels)``; None: all 1.
+        weights: (n,) sample weights, e.g. ``metrics.sample_weights(labels)``; None: all 1.
         bias: also fit a per-class bias (first class fixed at 0: softmax ignores a shift).
         prior: (K,) or (n, K) prior probabilities to choose ``prior_mix`` against.
         n_bins: bins of the reported ECE.

@@ -30,7 +30,7 @@ SAMPLERS: tuple[str, ...] = ("shuffle", "weighted")
 SELECT_METRICS: tuple[str, ...] = ("balanced_accuracy", "weighted_logloss", "val_loss")
 # engine/train.py: what a run of dead-class epochs triggers.
 DEAD_CLASS_ACTIONS: tuple[str, ...] = ("warn", "reset_bias", "stop")
-# engine/checkpoint.py: the checkpoint files of a run folder.
+# engine/run_folder.py: the checkpoint files of a run folder.
 CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
 
 # --- data (registries in data/preprocess.py) -------------------------------------------------

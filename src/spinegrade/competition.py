@@ -44,7 +44,7 @@ from spinegrade.constants import (
     train_column,
 )
 from spinegrade.errors import UserError
-from spinegrade.metrics import clip_renormalise, weighted_mean
+from spinegrade.metrics import clip_renormalise, sample_weights, weighted_mean
 
 log = logging.getLogger(__name__)
 
@@ -316,7 +316,7 @@ def _solution_frame(ids: Sequence[str], y: np.ndarray) -> pd.DataFrame:
     """Solution rows: row id, one-hot truth and the competition sample weight."""
     out = pd.DataFrame(np.eye(NUM_CLASSES)[y], columns=list(PROB_COLUMNS))
     out.insert(0, ROW_ID, list(ids))
-    out[SOLUTION_WEIGHT_COLUMN] = np.asarray(CLASS_WEIGHTS)[y]
+    out[SOLUTION_WEIGHT_COLUMN] = sample_weights(y)
     return out
 
 

@@ -459,8 +459,12 @@ def config_to_yaml(cfg: Config) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False, default_flow_style=None)
 
 
+# The resolved config beside every output (run folders, caches, submissions).
+CONFIG_FILE = "config.yaml"
+
+
 def save_config(cfg: Config, out_dir: str | Path) -> Path:
     """Write ``config.yaml`` into ``out_dir`` atomically and return its path."""
-    path = Path(out_dir) / "config.yaml"
+    path = Path(out_dir) / CONFIG_FILE
     atomic_write_text(path, config_to_yaml(cfg))
     return path

@@ -19,16 +19,6 @@ from spinegrade.constants import CLASS_NAMES, CLASS_WEIGHTS, NUM_CLASSES
 EPS: float = float(np.finfo(np.float64).eps)
 
 
-def __getattr__(name: str) -> object:
-    # Moved to spinegrade.competition; still importable from here for engine/evaluate.py and
-    # tests/test_predict.py. Imported lazily because competition imports this module.
-    if name in ("competition_score", "condition_score"):
-        from spinegrade import competition
-
-        return getattr(competition, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
                      num_classes: int = NUM_CLASSES) -> np.ndarray:
     """Confusion matrix counts: rows are true classes, columns predicted classes.
@@ -111,6 +101,12 @@ def weighted_mean(values: np.ndarray, weights: np.ndarray) -> float:
     return float(np.dot(values, weights) / total) if total > 0 else float("nan")
 
 
+def sample_weights(y_true: np.ndarray | Sequence[int],
+                   class_weights: Sequence[float] = CLASS_WEIGHTS) -> np.ndarray:
+    """Per-sample weights ``class_weights[y]``: the competition's 1/2/4 by true severity."""
+    return np.asarray(class_weights, dtype=np.float64)[np.asarray(y_true, dtype=np.int64)]
+
+
 def weighted_log_loss(y_true: np.ndarray | Sequence[int], probs: np.ndarray,
                       weights: Sequence[float] = CLASS_WEIGHTS) -> float:
     """The competition's per-group loss on integer labels.
@@ -135,8 +131,7 @@ def weighted_log_loss(y_true: np.ndarray | Sequence[int], probs: np.ndarray,
     if p.ndim != 2 or len(p) != len(y):
         raise ValueError(f"probs must be (N, K) with N = {len(y)} labels, got {p.shape}")
     p = clip_renormalise(p)
-    w = np.asarray(weights, dtype=np.float64)[y]
-    return weighted_mean(-np.log(p[np.arange(len(y)), y]), w)
+    return weighted_mean(-np.log(p[np.arange(len(y)), y]), sample_weights(y, weights))
 
 
 def summarize(y_true: np.ndarray | Sequence[int], probs: np.ndarray) -> dict:

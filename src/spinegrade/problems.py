@@ -17,6 +17,8 @@ from pathlib import Path
 
 from spinegrade.io.atomic import atomic_path
 
+# The report of what a job skipped, beside its outputs (cache, localizer run, submission).
+PROBLEMS_FILE = "problems.csv"
 # What problems.csv writes for an absent id or row (readers of older files rely on it).
 _ABSENT = -1
 

@@ -35,13 +35,12 @@ from spinegrade.constants import CLASS_NAMES, LEVELS
 from spinegrade.data.preprocess import PREPROCESS_VERSION
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
-from spinegrade.problems import read_problems
+from spinegrade.problems import PROBLEMS_FILE, read_problems
 
 FORMAT_VERSION = 1
 CROPS_FILE = "crops.npy"
 INDEX_FILE = "index.csv"
 META_FILE = "meta.json"
-PROBLEMS_FILE = "problems.csv"
 # Settings that do not change a crop's pixels; every other key (including ones added to the
 # config later) is part of the cache key, so a new setting errs on the side of a rebuild.
 NON_PIXEL_FIELDS: frozenset[str] = frozenset({"folds", "fold", "num_workers"})

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from spinegrade.constants import LEVEL_TITLES
+from spinegrade.constants import LEVEL_TITLES, SAGITTAL_T1, SAGITTAL_T2
 
 # --- Header rule ---------------------------------------------------------------------------
 
@@ -202,7 +202,7 @@ def disc_chain_problem(points_mm: np.ndarray, confidences: np.ndarray, min_conf:
 
 
 def cross_series_problem(points_a: np.ndarray, points_b: np.ndarray, tol_mm: float, *,
-                         names: Sequence[str] = ("Sagittal T2/STIR", "Sagittal T1"),
+                         names: Sequence[str] = (SAGITTAL_T2, SAGITTAL_T1),
                          ignore_lateral: bool = False) -> str | None:
     """Why two series' disc positions disagree; None when every shared level is within tol.
 

@@ -42,7 +42,6 @@ from spinegrade.data.cache import (
     CROPS_FILE,
     INDEX_FILE,
     META_FILE,
-    PROBLEMS_FILE,
     cache_key,
     cache_meta,
     write_index,
@@ -53,7 +52,7 @@ from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.io.dicom import Volume, read_series
 from spinegrade.io.dicom_file import PixelDecodeError
-from spinegrade.problems import Problem, Severity, write_problems
+from spinegrade.problems import PROBLEMS_FILE, Problem, Severity, write_problems
 
 log = logging.getLogger(__name__)
 

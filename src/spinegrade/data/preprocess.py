@@ -29,6 +29,8 @@ from typing import Any, Protocol
 import cv2
 import numpy as np
 
+from spinegrade.io.geometry import patient_to_pixel, pixel_to_patient
+
 # Bumped whenever the pixel output of this module changes for the same config, so caches
 # made by older code are never reused (part of the cache key).
 PREPROCESS_VERSION = 2
@@ -270,12 +272,9 @@ def map_point(
         src_spacing, dst_spacing: (2,) PixelSpacing (row spacing, column spacing).
         orientation: (6,) ImageOrientationPatient shared by both slices.
     """
-    row_dir = np.asarray(orientation[:3], dtype=np.float64)  # direction of increasing x
-    col_dir = np.asarray(orientation[3:6], dtype=np.float64)  # direction of increasing y
-    point = (np.asarray(src_position, dtype=np.float64)
-             + x * float(src_spacing[1]) * row_dir + y * float(src_spacing[0]) * col_dir)
-    delta = point - np.asarray(dst_position, dtype=np.float64)
-    return float(delta @ row_dir) / float(dst_spacing[1]), float(delta @ col_dir) / float(dst_spacing[0])
+    point = pixel_to_patient(src_position, orientation, src_spacing, x, y)
+    dst_x, dst_y, _ = patient_to_pixel(point, dst_position, orientation, dst_spacing)
+    return dst_x, dst_y
 
 
 def _shifted_in_plane(volume: Any, c: int, j: int, spacing: np.ndarray) -> bool:

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from spinegrade.competition import condition_score
 from spinegrade.constants import CLASS_NAMES, LEVELS
 from spinegrade.data.cache import CropCache, resolve_cache_dir
 from spinegrade.data.dataset import CropDataset
@@ -20,7 +21,7 @@ from spinegrade.engine.split import load_split, rows_for_fold
 from spinegrade.engine.train import evaluate
 from spinegrade.engine.tta import tta_views
 from spinegrade.errors import UserError
-from spinegrade.metrics import condition_score, summarize
+from spinegrade.metrics import summarize
 
 log = logging.getLogger(__name__)
 

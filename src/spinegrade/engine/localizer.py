@@ -45,8 +45,9 @@ from spinegrade.engine.checkpoint import load_checkpoint, rng_state, save_checkp
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
 from spinegrade.io.dicom import Volume, read_series
+from spinegrade.io.geometry import pixel_to_patient
 from spinegrade.models.localizer import HeatmapLocalizer
-from spinegrade.problems import Problem, write_problems
+from spinegrade.problems import PROBLEMS_FILE, Problem, write_problems
 
 _log = logging.getLogger(__name__)
 
@@ -143,9 +144,7 @@ class PreparedSeries:
 
     def patient_point(self, j: int, x: float, y: float) -> np.ndarray:
         """Patient coordinates (mm) of native pixel (x, y) on slice ``j``; NaN without geometry."""
-        row_dir, col_dir = self.orientation[:3], self.orientation[3:6]
-        sp = self.pixel_spacing[j]
-        return self.positions[j] + x * sp[1] * row_dir + y * sp[0] * col_dir
+        return pixel_to_patient(self.positions[j], self.orientation, self.pixel_spacing[j], x, y)
 
 
 def _depth(volume: Volume) -> np.ndarray:
@@ -857,7 +856,7 @@ def train_localizer(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
             errors.to_csv(tmp, index=False)
         plot_overlay(val, errors, task, out / task.name / "overlay.png")
         tables.append(summarize_errors(errors).assign(task=task.name))
-    write_problems(out / "problems.csv", problems)
+    write_problems(out / PROBLEMS_FILE, problems)
     if not tables:
         return pd.DataFrame()
     table = pd.concat(tables, ignore_index=True)

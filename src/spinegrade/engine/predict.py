@@ -39,7 +39,7 @@ from spinegrade.constants import (
     SUBMISSION_COLUMNS,
     row_id,
 )
-from spinegrade.data.cache import PROBLEMS_FILE, CropCache
+from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
 from spinegrade.engine.localizer import LocalizerRun, resolve_device
 from spinegrade.engine.run_folder import (
@@ -62,7 +62,7 @@ from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
 from spinegrade.io.dicom import Volume
 from spinegrade.models import build_model
-from spinegrade.problems import Problem, write_problems
+from spinegrade.problems import PROBLEMS_FILE, Problem, write_problems
 from spinegrade.report.predict import plot_study
 
 _log = logging.getLogger(__name__)

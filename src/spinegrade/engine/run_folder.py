@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import pandas as pd
 
-from spinegrade.config import Config, config_from_dict, config_to_dict, config_to_yaml
+from spinegrade.choices import CHECKPOINT_NAMES
+from spinegrade.config import CONFIG_FILE, Config, config_from_dict, config_to_dict
 from spinegrade.constants import CLASS_NAMES, LEVELS
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
@@ -33,7 +34,6 @@ log = logging.getLogger(__name__)
 
 # --- file names ------------------------------------------------------------------------------
 
-CONFIG_FILE = "config.yaml"
 RUN_INFO_FILE = "run.json"
 SPLIT_FILE = "split.csv"
 METRICS_FILE = "metrics.csv"
@@ -43,7 +43,6 @@ OOF_FILE = "oof.csv"
 REPORT_FILE = "report.html"
 TENSORBOARD_DIR = "tb"
 CHECKPOINT_DIR = "checkpoints"
-CHECKPOINT_NAMES = ("best", "last", "swa")
 PLOTS_DIR = "plots"
 # `spinegrade evaluate` writes into RUN/eval (or --out): these names, whichever the folder.
 EVAL_DIR = "eval"
@@ -150,12 +149,6 @@ def _json_default(o: Any) -> Any:
 def nan_to_none(row: dict[str, Any]) -> dict[str, Any]:
     """``row`` with NaN floats as None: JSON has no NaN, and None is weights_only-safe."""
     return {k: (None if isinstance(v, float) and np.isnan(v) else v) for k, v in row.items()}
-
-
-def write_config(folder: RunFolder, cfg: Config) -> Path:
-    """The resolved config as ``config.yaml``."""
-    atomic_write_text(folder.config, config_to_yaml(cfg))
-    return folder.config
 
 
 def run_info(cache: Any, fold: int, world_size: int, device: str, n_train: int, n_val: int,

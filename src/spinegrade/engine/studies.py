@@ -19,7 +19,10 @@ from spinegrade.constants import (
     SAGITTAL_T1,
     SAGITTAL_T2,
     SERIES_DESCRIPTIONS,
+    images_dir_name,
+    series_descriptions_csv,
 )
+from spinegrade.data.rsna import series_folder
 from spinegrade.engine.localizer import LocalizerRun
 from spinegrade.errors import UserError
 from spinegrade.io.dicom import Volume, read_series
@@ -51,19 +54,18 @@ def series_type(description: str, orientation: str = "") -> str | None:
 
 def studies_from_dataset(data_dir: Path, split: str = "test") -> list[StudyInput]:
     """Studies listed in ``{split}_series_descriptions.csv``; images in ``{split}_images``."""
-    csv = data_dir / f"{split}_series_descriptions.csv"
+    csv = data_dir / series_descriptions_csv(split)
     if not csv.is_file():
-        raise UserError(f"{csv} not found: DATA_DIR must hold {split}_series_descriptions.csv "
-                        f"and {split}_images/ (or use --study for one study folder)")
+        raise UserError(f"{csv} not found: DATA_DIR must hold {csv.name} "
+                        f"and {images_dir_name(split)}/ (or use --study for one study folder)")
     df = pd.read_csv(csv, dtype=str).dropna(subset=["study_id"])
-    images = data_dir / f"{split}_images"
     studies: dict[str, StudyInput] = {}
     for r in df.itertuples():
         st = studies.setdefault(r.study_id, StudyInput(r.study_id))
         if isinstance(r.series_id, str) and r.series_id:
             desc = str(r.series_description)
             st.series.append((r.series_id, series_type(desc) or desc,
-                              images / r.study_id / r.series_id))
+                              series_folder(data_dir, r.study_id, r.series_id, split)))
     return list(studies.values())
 
 

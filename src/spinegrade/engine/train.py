@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
-from spinegrade.config import Config, config_to_dict
+from spinegrade.config import Config, config_to_dict, save_config
 from spinegrade.constants import CLASS_NAMES, NUM_CLASSES
 from spinegrade.data.augment import BatchAugment, mixup, to_model_input
 from spinegrade.data.cache import CropCache
@@ -250,7 +250,7 @@ def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool) -> 
     train_rows, val_rows = rows_for_fold(cache.index, split, fold)
     if s.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
-        rf.write_config(run, cfg)
+        save_config(cfg, run.root)
         rf.write_json(run.run_info, rf.run_info(cache, fold, s.world_size, str(s.device),
                                                 len(train_rows), len(val_rows), torch.__version__))
     loaders = build_loaders(cfg, cache, train_rows, val_rows, s)

@@ -232,10 +232,9 @@ class StackGeometry:
 
     def project(self, point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Per slice: (x, y, signed distance, inside the rows x columns extent) of ``point``."""
-        d = np.asarray(point, dtype=np.float64) - self.positions
-        x = np.einsum("ij,ij->i", d, self.orientations[:, :3]) / self.pixel_spacing[:, 1]
-        y = np.einsum("ij,ij->i", d, self.orientations[:, 3:6]) / self.pixel_spacing[:, 0]
-        dist = np.einsum("ij,ij->i", d, self.normals)
+        rows = [patient_to_pixel(point, p, o, s) for p, o, s in
+                zip(self.positions, self.orientations, self.pixel_spacing, strict=True)]
+        x, y, dist = np.array(rows, dtype=np.float64).reshape(-1, 3).T
         if self.shapes is None:
             inside = np.ones(len(self), dtype=bool)
         else:  # pixel centres run 0 .. size - 1; the image reaches half a pixel beyond them
