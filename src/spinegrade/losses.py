@@ -1,4 +1,5 @@
-"""Training objectives: competition-weighted (focal) CE, CORAL, cumulative ordinal, auxiliary.
+"""Training objectives: competition-weighted (focal) CE, CORAL, cumulative ordinal, auxiliary,
+and the localizer's heatmap focal loss (:func:`focal_heatmap_loss`).
 
 Targets are either int64 class indices (B,) or soft targets (B, C) (mixup). With soft
 targets ``q``, every term is the ``q``-weighted sum of its one-hot values, so a one-hot ``q``
@@ -229,3 +230,25 @@ def build_loss(cfg: LossConfig, head: str = "softmax") -> GradingLoss:
         ordinal_cls = CoralLoss if head == "coral" else CumulativeOrdinalLoss
         ordinal = ordinal_cls(weights, num_classes)
     return GradingLoss(main, head, ordinal, cfg.ordinal_weight, cfg.aux_weight)
+
+
+# --- the localizer ---------------------------------------------------------------------------
+
+
+def focal_heatmap_loss(logits: torch.Tensor, target: torch.Tensor, mask: torch.Tensor
+                       ) -> torch.Tensor:
+    """CenterNet's penalty-reduced focal loss over the supervised channels.
+
+    Args:
+        logits: (B, K, h, w).
+        target: (B, K, h, w) Gaussians, 1 at each positive cell.
+        mask: (B, K) 1 for supervised channels.
+    """
+    logits, target = logits.float(), target.float()
+    m = mask[:, :, None, None]
+    pos = (target >= 1.0).float() * m
+    log_p, log_q = F.logsigmoid(logits), F.logsigmoid(-logits)
+    p = log_p.exp()
+    pos_loss = -(pos * (1 - p) ** 2 * log_p).sum()
+    neg_loss = -((1 - pos) * m * (1 - target) ** 4 * p**2 * log_q).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1.0)

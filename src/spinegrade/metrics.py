@@ -1,4 +1,6 @@
-"""Classification metrics for the training engine: pure numpy, no torch, no scikit-learn.
+"""Metrics of the engines: pure numpy/pandas, no torch, no scikit-learn.
+
+Classification:
 
 ``confusion_matrix``, ``per_class_recall``, ``balanced_accuracy``, ``prediction_counts``,
 ``weighted_log_loss`` and ``summarize`` take complete arrays: under DDP gather the
@@ -6,17 +8,30 @@ predictions first (and drop sampler padding); confusion matrices add across shar
 log loss clips and renormalises as the competition's scikit-learn (2024) did, so it equals
 the competition's per-group loss; the competition score itself lives in
 ``spinegrade.competition``.
+
+Localisation (the localizer, in millimetres): ``keypoint_errors`` (truth vs prediction per
+labelled keypoint), ``wrong_disc`` / ``wrong_disc_rate`` (a point nearer another level's
+true disc than its own), ``summarize_errors`` (per level and overall) and ``selection_score``
+(what picks the localizer's best checkpoint).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
+import pandas as pd
 
-from spinegrade.constants import CLASS_NAMES, CLASS_WEIGHTS, NUM_CLASSES
+from spinegrade.constants import CLASS_NAMES, CLASS_WEIGHTS, LEVELS, NUM_CLASSES
 
 EPS: float = float(np.finfo(np.float64).eps)
+# 3D errors are clipped here when averaged for checkpoint selection (a miss is a miss).
+ERROR_CLIP_MM = 50.0
+# keypoint_errors: the true and the predicted point in patient coordinates (mm, LPS).
+TRUE_POINT = ("true_px", "true_py", "true_pz")
+PRED_POINT = ("pred_px", "pred_py", "pred_pz")
 
 
 def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
@@ -164,3 +179,114 @@ def summarize(y_true: np.ndarray | Sequence[int], probs: np.ndarray) -> dict:
         "n_samples": len(y),
     }
 
+
+# --- localisation ------------------------------------------------------------------------------
+
+
+def keypoint_errors(labelled: Sequence[Any], predicted: Sequence[Sequence[Any]], task: Any
+                    ) -> pd.DataFrame:
+    """Truth vs prediction for every labelled keypoint of held-out series.
+
+    ``labelled`` are ``data.localizer.SeriesLabels``, ``predicted`` one list of
+    ``models.localizer_decode.Located`` per series (one per channel), ``task`` their
+    ``LocalizerTask``.
+
+    Point error is measured in the plane of the true slice (in mm, via PixelSpacing and the
+    slice positions, so a neighbouring slice's prediction is compared at the same anatomy);
+    ``error_3d_mm`` adds the out-of-plane distance; ``slice_error`` counts stack positions.
+    """
+    rows = []
+    for lab, locs in zip(labelled, predicted, strict=True):
+        s = lab.series
+        for k in np.flatnonzero(lab.mask):
+            tj, loc = int(lab.slice_idx[k]), locs[k]
+            tx, ty = s.to_native(tj, *lab.xy[k])
+            p_true, p_pred = s.patient_point(tj, tx, ty), s.patient_point(loc.slice_index, loc.x, loc.y)
+            d = p_pred - p_true
+            if np.all(np.isfinite(d)):
+                normal = np.cross(s.orientation[:3], s.orientation[3:6])
+                in_plane = float(np.linalg.norm(d - (d @ normal) * normal))
+                err3d = float(np.linalg.norm(d))
+            else:  # no geometry: compare pixels on the true slice's spacing
+                sp = s.pixel_spacing[tj]
+                in_plane = err3d = float(math.hypot((loc.x - tx) * sp[1], (loc.y - ty) * sp[0]))
+            cond, lvl = task.keypoints[k]
+            rows.append({"study_id": s.study_id, "series_id": s.series_id,
+                         "series_description": task.series_description, "condition": cond,
+                         "level": LEVELS[lvl], "true_instance": int(s.instance_numbers[tj]),
+                         "pred_instance": loc.instance_number, "true_x": tx, "true_y": ty,
+                         "pred_x": loc.x, "pred_y": loc.y, "score": loc.score,
+                         "slice_error": loc.slice_index - tj, "error_mm": in_plane,
+                         "error_3d_mm": err3d,
+                         **dict(zip(TRUE_POINT, p_true, strict=True)),
+                         **dict(zip(PRED_POINT, p_pred, strict=True))})
+    return pd.DataFrame(rows)
+
+
+def wrong_disc(errors: pd.DataFrame) -> pd.Series:
+    """Per row of :func:`keypoint_errors`: is the predicted point nearer another level's disc?
+
+    A prediction of level k is on the wrong disc when it lies closer to the true point of some
+    other level m of the same condition in the same study than to level k's own true point.
+    Distances are 3D in patient coordinates (so levels labelled on different series of one
+    study still compare); rows without geometry compare native pixels within their series.
+    Rows whose group has no other level are never wrong.
+
+    Returns:
+        Boolean Series aligned with ``errors``.
+    """
+    out = pd.Series(False, index=errors.index)
+    if errors.empty:
+        return out
+    for _, g in errors.groupby(["study_id", "condition"], sort=False):
+        if g["level"].nunique() < 2:
+            continue
+        has_3d = np.isfinite(g[list(TRUE_POINT) + list(PRED_POINT)].to_numpy(float)).all()
+        pred_cols, true_cols = ((PRED_POINT, TRUE_POINT) if has_3d
+                                else (("pred_x", "pred_y"), ("true_x", "true_y")))
+        for i, row in g.iterrows():
+            same = g if has_3d else g[g["series_id"] == row["series_id"]]
+            pred = row[list(pred_cols)].to_numpy(float)
+            dist = np.linalg.norm(same[list(true_cols)].to_numpy(float) - pred, axis=1)
+            own = dist[(same["level"] == row["level"]).to_numpy()].min()
+            others = dist[(same["level"] != row["level"]).to_numpy()]
+            out[i] = bool(others.size and others.min() < own)
+    return out
+
+
+def wrong_disc_rate(errors: pd.DataFrame) -> float:
+    """Share of the points of ``errors`` that :func:`wrong_disc` flags (NaN when empty)."""
+    return float(wrong_disc(errors).mean()) if len(errors) else math.nan
+
+
+def summarize_errors(errors: pd.DataFrame, by: Sequence[str] = ("condition", "level")
+                     ) -> pd.DataFrame:
+    """Per group and overall: the median and 90th-percentile point error (mm, in the true
+    slice's plane), the exact and +-1 slice accuracy and the wrong-disc rate.
+
+    The wrong-disc flags are computed over the whole of ``errors`` (each point against every
+    level of its study), then averaged per group.
+    """
+
+    def stats(g: pd.DataFrame) -> dict:
+        se = g["slice_error"].abs()
+        return {"n": len(g), "median_mm": float(g["error_mm"].median()),
+                "p90_mm": float(g["error_mm"].quantile(0.9)),
+                "slice_exact": float((se == 0).mean()), "slice_within1": float((se <= 1).mean()),
+                "wrong_disc_rate": float(g["wrong_disc"].mean())}
+
+    if errors.empty:
+        return pd.DataFrame(columns=[*by, "n", "median_mm", "p90_mm", "slice_exact",
+                                     "slice_within1", "wrong_disc_rate"])
+    errors = errors.assign(wrong_disc=wrong_disc(errors))
+    rows = [{**dict(zip(by, key if isinstance(key, tuple) else (key,), strict=True)), **stats(g)}
+            for key, g in errors.groupby(list(by), sort=False)]
+    rows.append({**{b: "all" for b in by}, **stats(errors)})
+    return pd.DataFrame(rows)
+
+
+def selection_score(errors: pd.DataFrame) -> float:
+    """Mean 3D error with misses clipped (lower is better): slice and point error in one."""
+    if errors.empty:
+        return float("inf")
+    return float(errors["error_3d_mm"].clip(upper=ERROR_CLIP_MM).mean())

@@ -71,14 +71,39 @@ class Settings:
                    fold=cfg.data.fold if fold is None else fold)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when available, else CPU; otherwise the named device."""
+def resolve_device(name: str, key: str = "train.device") -> torch.device:
+    """``auto`` -> CUDA when available, else CPU; otherwise the named device.
+
+    Args:
+        name: ``auto``, ``cpu``, ``cuda``, ``cuda:1``, ...
+        key: the config key it came from, named in the error message.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"train.device={name} but CUDA is not available; use train.device=cpu")
+        raise UserError(f"{key}={name} but CUDA is not available; use {key}=cpu")
     return device
+
+
+def optimizer_step(model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor,
+                   grad_clip: float, where: str = "") -> None:
+    """Backward, clip the gradient norm (``grad_clip`` > 0) and step; refuses a non-finite loss.
+
+    Args:
+        where: appended to the error message, e.g. `` at epoch 3 step 7``.
+
+    Raises:
+        FloatingPointError: the loss is NaN or infinite.
+    """
+    if not torch.isfinite(loss):
+        raise FloatingPointError(f"loss is {loss.item()}{where}; lower the learning rate or "
+                                 "check the inputs")
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip > 0:
+        nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None], grad_clip)
+    optimizer.step()
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

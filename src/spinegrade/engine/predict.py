@@ -41,7 +41,8 @@ from spinegrade.constants import (
 )
 from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
-from spinegrade.engine.localizer import LocalizerRun, resolve_device
+from spinegrade.engine.localizer import LocalizerRun
+from spinegrade.engine.loop import resolve_device
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
     CHECKPOINT_NAMES,
@@ -370,7 +371,7 @@ def predict(
     """
     if (data_dir is None) == (study_dir is None):
         raise UserError("give either DATA_DIR or --study DIR")
-    device = resolve_device(pcfg.device)
+    device = resolve_device(pcfg.device, "predict.device")
     problems: list[Problem] = []
     if study_dir is not None:
         st, probs = study_from_folder(Path(study_dir))

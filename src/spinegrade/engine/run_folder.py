@@ -56,6 +56,11 @@ RECALL_PNG = "recall.png"
 CONFUSION_BEST_PNG = "confusion_best.png"
 CONFUSION_EVAL_PNG = "confusion_eval.png"
 SLICE_WEIGHTS_PNG = "slice_weights.png"
+# A localizer run: RUN/config.yaml, split.csv, localizer_metrics.csv, problems.csv and one
+# RUN/<task>/ per series type with checkpoints/{best,last}.pt, metrics.csv and these two.
+LOCALIZER_METRICS_FILE = "localizer_metrics.csv"
+VAL_PREDICTIONS_FILE = "val_predictions.csv"
+OVERLAY_PNG = "overlay.png"
 
 
 @dataclass(frozen=True)
@@ -128,6 +133,32 @@ class RunFolder:
             if name in CHECKPOINT_NAMES:
                 return name
         return "best"
+
+
+@dataclass(frozen=True)
+class LocalizerFolder(RunFolder):
+    """A ``train-localizer`` run: config, split and problems at the root, one task per folder."""
+
+    @property
+    def localizer_metrics(self) -> Path:
+        return self.root / LOCALIZER_METRICS_FILE
+
+    def task(self, name: str) -> LocalizerTaskFolder:
+        """The folder of one series type's network (``RUN/<task>``)."""
+        return LocalizerTaskFolder(self.root / name)
+
+
+@dataclass(frozen=True)
+class LocalizerTaskFolder(RunFolder):
+    """One localizer task: ``checkpoints/``, ``metrics.csv`` and the held-out predictions."""
+
+    @property
+    def val_predictions(self) -> Path:
+        return self.root / VAL_PREDICTIONS_FILE
+
+    @property
+    def overlay(self) -> Path:
+        return self.root / OVERLAY_PNG
 
 
 # --- writers ---------------------------------------------------------------------------------

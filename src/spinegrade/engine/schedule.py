@@ -28,6 +28,16 @@ FROZEN, FINETUNE, SWA = "frozen", "finetune", "swa"
 GROUPS = ("backbone", "head")
 
 
+def cosine_lr(base_lr: float, min_lr: float, frac: float) -> float:
+    """One cosine from ``base_lr`` (``frac`` 0) down to ``min_lr`` (``frac`` 1)."""
+    return min_lr + (base_lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+
+
+def epoch_cosine_lr(base_lr: float, min_lr: float, epoch: int, epochs: int) -> float:
+    """Per-epoch cosine (the localizer): ``base_lr`` at epoch 1, ``min_lr`` at ``epochs``."""
+    return cosine_lr(base_lr, min_lr, (epoch - 1) / max(epochs - 1, 1))
+
+
 @dataclass(frozen=True)
 class PhaseSchedule:
     """Learning rates and trainability for every (epoch, step) of a run."""
@@ -74,9 +84,8 @@ class PhaseSchedule:
         total = (self.epochs - self.freeze_epochs) * self.steps_per_epoch
         t = (epoch - self.freeze_epochs - 1) * self.steps_per_epoch + min(step, self.steps_per_epoch - 1)
         frac = min(1.0, t / max(total - 1, 1))
-        decay = 0.5 * (1.0 + math.cos(math.pi * frac))
-        return {"backbone": self.min_lr + (self.backbone_lr - self.min_lr) * decay,
-                "head": self.min_lr + (self.head_lr - self.min_lr) * decay}
+        return {"backbone": cosine_lr(self.backbone_lr, self.min_lr, frac),
+                "head": cosine_lr(self.head_lr, self.min_lr, frac)}
 
     def state_dict(self) -> dict:
         """Plain-dict form stored in checkpoints (everything needed to rebuild the schedule)."""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +45,21 @@ def make_folds(index: pd.DataFrame, n_folds: int, seed: int) -> pd.DataFrame:
             folds[val_idx] = k
     studies["fold"] = folds
     return studies
+
+
+def holdout_split(study_ids: Iterable[int], val_fraction: float, seed: int) -> pd.DataFrame:
+    """Hold out ``val_fraction`` of the studies (at least one when there are two or more).
+
+    The localizer's split: one row per study, ``study_id`` and ``split`` ("train" / "val").
+    """
+    ids = np.array(sorted({int(s) for s in study_ids}), dtype=np.int64)
+    n_val = int(round(len(ids) * val_fraction))
+    if val_fraction > 0 and len(ids) >= 2:
+        n_val = min(max(n_val, 1), len(ids) - 1)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    split = np.full(len(ids), "train", dtype=object)
+    split[perm[:n_val]] = "val"
+    return pd.DataFrame({"study_id": ids, "split": split})
 
 
 def rows_for_fold(index: pd.DataFrame, split: pd.DataFrame, fold: int) -> tuple[np.ndarray, np.ndarray]:

@@ -39,6 +39,7 @@ from spinegrade.engine.loop import (
     Settings,
     build_loaders,
     make_run_model,
+    optimizer_step,
     recompute_bn,
     seed_everything,
 )
@@ -83,15 +84,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
         with torch.autocast(s.device.type, dtype=torch.bfloat16, enabled=s.amp):
             outputs = model(x, targets["level"])
         loss = loss_fn({k: v.float() for k, v in outputs.items()}, targets)
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()} at epoch {epoch} step {step}; "
-                                     "lower the learning rate or check the inputs")
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        if s.grad_clip > 0:
-            nn.utils.clip_grad_norm_([p for p in model.parameters() if p.grad is not None],
-                                     s.grad_clip)
-        optimizer.step()
+        optimizer_step(model, optimizer, loss, s.grad_clip, where=f" at epoch {epoch} step {step}")
         loss_sum += loss.item() * len(x)
         n_seen += len(x)
         if s.is_main and s.log_every and (step + 1) % s.log_every == 0:
