@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from spinegrade.config import config_to_dict, load_config, save_config
-from spinegrade.constants import CLASS_BALANCE, CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
+from spinegrade.constants import (
+    CLASS_BALANCE,
+    CONDITIONS,
+    LEVELS,
+    PRIOR_FLOOR,
+    SUBMISSION_COLUMNS,
+    row_id,
+)
 from spinegrade.engine import predict as P
 from spinegrade.engine.checkpoint import save_checkpoint
 
@@ -59,12 +66,43 @@ def test_parse_classifier_spec(tmp_path):
 
 
 def test_priors_are_distributions_and_reweighted():
+    f = PRIOR_FLOOR
     plain = P.default_prior("spinal_canal_stenosis", reweight=False)
     assert plain.shape == (len(LEVELS), 3)
-    np.testing.assert_allclose(plain[0], np.array(CLASS_BALANCE["spinal_canal_stenosis"])
-                               / sum(CLASS_BALANCE["spinal_canal_stenosis"]), atol=1e-6)
+    balance = np.array(CLASS_BALANCE["spinal_canal_stenosis"])
+    np.testing.assert_allclose(plain[0], f + (1 - 3 * f) * balance / balance.sum(), atol=1e-12)
+    # Add-one on the counts (9, 2, 2), reweighted by 1/2/4 -> (9, 4, 8) / 21, then the floor.
     rew = P.prior_probs(np.array([8.0, 1.0, 1.0]), reweight=True)
-    np.testing.assert_allclose(rew, np.array([8.0, 2.0, 4.0]) / 14.0)
+    np.testing.assert_allclose(rew, f + (1 - 3 * f) * np.array([9.0, 4.0, 8.0]) / 21.0)
+
+
+def test_fallback_prior_of_a_level_without_moderate_or_severe_is_smoothed(tmp_path):
+    """Training folds with only Normal/Mild at L5/S1 must not give exact zeros (one such
+    fallback row would cost ~34 nats under the metric's eps clipping)."""
+    from spinegrade.data.cache import CropCache
+    from spinegrade.engine.run_folder import RunFolder, write_json
+
+    labels = {1000: [0, 1, 2, 1, 0], 1001: [0, 0, 1, 2, 0], 1002: [1, 2, 0, 0, 0],
+              1003: [2, 2, 2, 2, 2]}  # 1003 is the validation fold: its Severe L5/S1 is unseen
+    rows = [{"study_id": st, "level": lv, "level_idx": i, "label": lab[i]}
+            for st, lab in labels.items() for i, lv in enumerate(LEVELS)]
+    cache = CropCache.create(tmp_path / "cache", np.zeros((len(rows), 1, 3, 4, 4), np.uint8),
+                             pd.DataFrame(rows), {"img_size": 4, "n_slices": 1})
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    write_json(run.run_info, {"cache": str(cache.path), "fold": 0})
+    pd.DataFrame({"study_id": list(labels), "fold": [1, 2, 1, 0]}).to_csv(run.split, index=False)
+
+    prior = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=True)
+    f = PRIOR_FLOOR
+    # L5/S1 training counts (3, 0, 0) -> add-one (4, 1, 1) -> x (1, 2, 4) = (4, 2, 4) / 10.
+    np.testing.assert_allclose(prior[4], f + (1 - 3 * f) * np.array([0.4, 0.2, 0.4]))
+    # L1/L2 counts (2, 1, 0) -> (3, 2, 1) -> (3, 4, 4) / 11.
+    np.testing.assert_allclose(prior[0], f + (1 - 3 * f) * np.array([3.0, 4.0, 4.0]) / 11.0)
+    assert prior.min() >= PRIOR_FLOOR
+    np.testing.assert_allclose(prior.sum(axis=1), 1.0)
+    plain = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=False)
+    assert plain.min() >= PRIOR_FLOOR  # no zero without the reweighting either
 
 
 def test_series_type_from_dicom_descriptions():

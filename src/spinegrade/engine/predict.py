@@ -35,6 +35,8 @@ from spinegrade.constants import (
     CONDITIONS,
     LEVELS,
     NUM_CLASSES,
+    PRIOR_FLOOR,
+    PRIOR_PSEUDO_COUNT,
     SEVERITIES,
     SUBMISSION_COLUMNS,
     row_id,
@@ -76,15 +78,19 @@ STUDIES_FILE = "studies.csv"
 # --- priors --------------------------------------------------------------------------------------
 
 
-def prior_probs(counts: np.ndarray, reweight: bool) -> np.ndarray:
-    """:func:`~spinegrade.competition.class_prior` of counts (..., 3), with a tiny pseudo
-    count so that a class never seen in training keeps a non-zero probability."""
-    return class_prior(counts, reweight=reweight, pseudo_count=1e-9)
+def prior_probs(counts: np.ndarray, reweight: bool, pseudo_count: float = PRIOR_PSEUDO_COUNT
+                ) -> np.ndarray:
+    """The fallback prior: :func:`~spinegrade.competition.class_prior` of counts (..., 3)
+    add-one smoothed, reweighted and floored at ``PRIOR_FLOOR`` (see ``constants``)."""
+    return class_prior(counts, reweight=reweight, pseudo_count=pseudo_count, floor=PRIOR_FLOOR)
 
 
 def default_prior(condition: str, reweight: bool) -> np.ndarray:
-    """(5, 3) prior of a condition from ``CLASS_BALANCE`` (the same at every level)."""
-    return np.tile(prior_probs(np.asarray(CLASS_BALANCE[condition]), reweight), (len(LEVELS), 1))
+    """(5, 3) prior of a condition from ``CLASS_BALANCE`` (the same at every level).
+
+    The balance is a frequency, not a count: no pseudo count, only the floor."""
+    prior = prior_probs(np.asarray(CLASS_BALANCE[condition]), reweight, pseudo_count=0.0)
+    return np.tile(prior, (len(LEVELS), 1))
 
 
 def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bool
