@@ -87,6 +87,12 @@ def main(argv: list[str] | None = None) -> int:
     except (UserError, ConfigError) as e:
         print(f"spinegrade {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        # A user path that vanished or cannot be read/written mid-run: a message, not a trace.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"spinegrade {args.command}: error: {where}{e.strerror or e}", file=sys.stderr)
+        logging.getLogger(__name__).debug("OSError", exc_info=True)
+        return 2
     except KeyboardInterrupt:
         print(f"\nspinegrade {args.command}: interrupted; run the same command again to resume.",
               file=sys.stderr)

@@ -17,6 +17,7 @@ from typing import Any
 from spinegrade.cli import add_config_args
 from spinegrade.config import load_config
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.io.paths import check_output_dir
 
 STAGES = ("synth", "prepare", "train", "evaluate", "report")
 
@@ -73,7 +74,7 @@ def _stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, cache_root, run_dir = out / "data", out / "cache", out / "run"
     times: dict[str, float] = {}

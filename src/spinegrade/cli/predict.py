@@ -9,6 +9,7 @@ from spinegrade.cli import add_config_args
 from spinegrade.config import config_to_yaml, load_config
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.io.paths import check_output_file
 
 EXAMPLES = """\
 examples:
@@ -62,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either DATA_DIR or --study DIR (not both)")
     cfg = load_config(args.config, args.overrides)
     out = args.out or default_submission(args.study)
+    check_output_file(out)
     result = predict(args.classifier, args.localizer, out, cfg.predict, data_dir=args.data_dir,
                      study_dir=args.study, split=args.split, progress=not args.no_progress)
     atomic_write_text(config_copy(Path(out)), config_to_yaml(cfg))

@@ -6,6 +6,7 @@ import argparse
 
 from spinegrade.cli import add_config_args
 from spinegrade.config import load_config
+from spinegrade.io.paths import check_output_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -37,5 +38,6 @@ def run(args: argparse.Namespace) -> int:
     if args.fold is not None:
         overrides.append(f"data.fold={args.fold}")
     cfg = load_config(args.config, overrides)
+    check_output_dir(args.out)
     fit(cfg, args.cache, args.out, resume=args.resume)
     return 0

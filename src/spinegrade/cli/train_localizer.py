@@ -33,8 +33,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from spinegrade.config import load_config
     from spinegrade.engine.localizer import train_localizer
+    from spinegrade.io.paths import check_output_dir
 
     cfg = load_config(args.config, args.overrides)
+    check_output_dir(args.out)
     table = train_localizer(cfg, args.data, args.out, resume=not args.restart,
                             progress=not args.no_progress)
     if table.empty:
