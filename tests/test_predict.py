@@ -155,7 +155,7 @@ def test_predict_dataset_with_broken_studies(synth_dir, runs, tmp_path):
     sub = pd.read_csv(tmp_path / "sub" / "submission.csv")
     assert len(sub) == 25 * len(studies) and sub["row_id"].is_unique
     np.testing.assert_allclose(sub[list(SUBMISSION_COLUMNS[1:])].sum(axis=1), 1.0, atol=1e-5)
-    problems = pd.read_csv(tmp_path / "sub" / "problems.csv")
+    problems = pd.read_csv(tmp_path / "sub" / "submission_problems.csv")
     assert {"missing_series", "unreadable_series"} <= set(problems["kind"])
     by_study = {r.study_id: r for r in out.results}
     broken = by_study[str(studies[0])]
@@ -165,7 +165,9 @@ def test_predict_dataset_with_broken_studies(synth_dir, runs, tmp_path):
     assert healthy.source[("spinal_canal_stenosis", 0)] == "model"
     assert healthy.source[("left_subarticular_stenosis", 0)] == "prior: no classifier"
     assert (tmp_path / "sub" / "submission_figures" / f"{studies[-1]}.png").is_file()
-    assert (tmp_path / "sub" / "studies.csv").is_file()
+    assert (tmp_path / "sub" / "submission_studies.csv").is_file()
+    assert (tmp_path / "sub" / "submission_locations.csv").is_file()
+    assert not (tmp_path / "sub" / "problems.csv").exists()
     solution = pd.read_csv(synth_dir / "solution.csv")
     score = competition_score(solution, sub)
     assert np.isfinite(score["score"])
@@ -185,3 +187,31 @@ def test_predict_one_study_folder_prints_grades(synth_dir, runs, tmp_path, capsy
     sub = pd.read_csv(out)
     assert len(sub) == 25 and sub["row_id"].str.startswith(study.name).all()
     assert load_config(tmp_path / "one_config.yaml").predict.tta is False
+    # A second --study prediction into the same folder keeps the first one's side files.
+    other = sorted((synth_dir / "test_images").iterdir())[1]
+    assert main(["predict", "--study", str(other), "--classifier", str(runs["spinal"]),
+                 "--localizer", str(runs["localizer"]), "--out", str(tmp_path / "two.csv"),
+                 "--no-progress", "--set", "predict.tta=false"]) == 0
+    for stem, st in (("one", study), ("two", other)):
+        located = pd.read_csv(tmp_path / f"{stem}_locations.csv")
+        assert set(located["study_id"].astype(str)) == {st.name}
+        assert (tmp_path / f"{stem}_problems.csv").is_file()
+        timing = pd.read_csv(tmp_path / f"{stem}_studies.csv")
+        assert timing["study_id"].astype(str).tolist() == [st.name]
+
+
+@pytest.mark.parametrize("content", ["empty", "junk"])
+def test_predict_study_without_readable_series_is_an_error(tmp_path, capsys, content):
+    from spinegrade.cli import main
+
+    study = tmp_path / "12345"
+    study.mkdir()
+    if content == "junk":
+        (study / "777").mkdir()
+        (study / "777" / "1.dcm").write_bytes(b"not a dicom file")
+    out = tmp_path / "sub.csv"
+    code = main(["predict", "--study", str(study), "--localizer", str(tmp_path / "loc"),
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no readable DICOM series" in err and str(study) in err
+    assert "Traceback" not in err and not out.exists()

@@ -32,8 +32,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "to 1). Runs of the same condition are averaged in probability space, weighted by\n"
             "RUN:WEIGHT. Conditions without a classifier and levels that cannot be located get\n"
             "prior probabilities (from the run's training labels, else the real class balance),\n"
-            "with a warning. Beside the submission: problems.csv, locations.csv, studies.csv\n"
-            "(per-study seconds) and <stem>_figures/<study>.png."
+            "with a warning. Beside the submission, named after it: <stem>_problems.csv,\n"
+            "<stem>_locations.csv, <stem>_studies.csv (per-study seconds), <stem>_config.yaml\n"
+            "and <stem>_figures/<study>.png. --study on a folder without a readable series is\n"
+            "an error."
         ),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -69,7 +69,8 @@ from spinegrade.report.predict import plot_study
 
 _log = logging.getLogger(__name__)
 
-# What `predict` writes beside its submission CSV (with problems.csv).
+# What `predict` writes beside its submission CSV, each named after it (side_file): two
+# predictions in one folder (e.g. --study runs) never overwrite each other's files.
 SUBMISSION_FILE = "submission.csv"
 LOCATIONS_FILE = "locations.csv"
 STUDIES_FILE = "studies.csv"
@@ -365,8 +366,9 @@ def predict(
         classifier_specs: ``RUN`` or ``RUN:weight`` per classifier run (any conditions;
             runs of the same condition are averaged).
         localizer_dir: a ``train-localizer`` run folder.
-        out_path: submission CSV, written atomically. Beside it: ``problems.csv``,
-            ``locations.csv`` (every located level), ``studies.csv`` (per-study timing) and,
+        out_path: submission CSV, written atomically. Beside it, named after it
+            (:func:`side_file`): ``<stem>_problems.csv``, ``<stem>_locations.csv`` (every
+            located level), ``<stem>_studies.csv`` (per-study timing) and,
             with ``predict.figures``, ``<stem>_figures/<study>.png``.
         pcfg: the ``predict`` config section.
         data_dir: dataset folder with ``{split}_series_descriptions.csv`` + ``{split}_images``.
@@ -380,6 +382,10 @@ def predict(
     problems: list[Problem] = []
     if study_dir is not None:
         st, probs = study_from_folder(Path(study_dir))
+        if not st.series:
+            reasons = "; ".join(f"{p.file}: {p.message}" for p in probs[:3]) or "no sub-folders"
+            raise UserError(f"--study {study_dir}: no readable DICOM series ({reasons}); give "
+                            "a study folder holding one folder of .dcm files per series")
         studies, problems = [st], probs
     else:
         studies = studies_from_dataset(Path(data_dir), split)
@@ -418,8 +424,8 @@ def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
 
 def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResult],
                    problems: list[Problem]) -> dict[str, Path]:
-    files = {"submission": out, "problems": out.parent / PROBLEMS_FILE,
-             "locations": out.parent / LOCATIONS_FILE, "studies": out.parent / STUDIES_FILE}
+    files = {"submission": out, "problems": side_file(out, PROBLEMS_FILE),
+             "locations": side_file(out, LOCATIONS_FILE), "studies": side_file(out, STUDIES_FILE)}
     with atomic_path(out, suffix=".csv") as tmp:
         submission.to_csv(tmp, index=False, float_format="%.6f")
     write_problems(files["problems"], problems)
@@ -439,6 +445,11 @@ def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResul
 def default_submission(study_dir: str | None) -> str:
     """The submission CSV when --out is not given: ``<study>_submission.csv`` for one study."""
     return f"{Path(study_dir).name}_{SUBMISSION_FILE}" if study_dir else SUBMISSION_FILE
+
+
+def side_file(out: Path, name: str) -> Path:
+    """``<stem>_<name>`` beside the submission ``out`` (e.g. ``submission_problems.csv``)."""
+    return out.with_name(f"{out.stem}_{name}")
 
 
 def figures_dir(out: Path) -> Path:
