@@ -59,15 +59,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def add_config_args(parser: argparse.ArgumentParser, default: str = "v8") -> None:
-    """Add the shared ``--config`` / ``--set`` options to a subcommand."""
+def add_config_args(parser: argparse.ArgumentParser, default: str = "v8",
+                    example: str = "train.batch_size=8") -> None:
+    """Add the shared ``--config`` / ``--set`` options to a subcommand.
+
+    ``example`` is the override the help shows: one this command reads, valid with its
+    default config (tests/test_doc_examples.py resolves it).
+    """
     parser.add_argument(
         "--config", default=default,
         help=f"YAML config file, or the name of a packaged one (default: {default})",
     )
     parser.add_argument(
         "--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-        help="override one config value, e.g. --set train.epochs=10 (repeatable)",
+        help=f"override one config value, e.g. --set {example} (repeatable)",
     )
 
 

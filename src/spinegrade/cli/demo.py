@@ -41,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "10-minute CPU run sees enough of them; 'real' keeps the real balance)")
     p.add_argument("--max-matrix", type=int, default=256,
                    help="cap on synthetic image rows/columns, for speed (default 256)")
-    add_config_args(p, default="demo")
+    add_config_args(p, default="demo", example="train.seed=1")
     p.set_defaults(func=run)
 
 

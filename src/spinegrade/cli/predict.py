@@ -39,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         ),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(p)
+    add_config_args(p, example="predict.batch_size=8")
     p.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
                    help="dataset folder with test_series_descriptions.csv and test_images/")
     p.add_argument("--study", metavar="DIR",

@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: the config's data.num_workers, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
+    add_config_args(p, example="data.img_size=128")
     p.set_defaults(func=run)
 
 

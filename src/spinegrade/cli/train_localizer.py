@@ -21,7 +21,7 @@ def register(sub: argparse._SubParsersAction) -> None:
             "overlay.png} into --out. Run it again to resume an interrupted run."
         ),
     )
-    add_config_args(p, default="localizer")
+    add_config_args(p, default="localizer", example="localizer.epochs=10")
     p.add_argument("--data", required=True, help="RSNA-format training data folder")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--restart", action="store_true",
