@@ -10,6 +10,7 @@ missing folders and a probe file (permission bits alone do not tell, e.g. for ro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from pathlib import Path
@@ -76,7 +77,6 @@ def _probe(folder: Path, option: str, target: Path) -> None:
                         f"{option} in a folder you can write to") from None
     finally:
         for d in reversed(created):
-            try:
+            # Not empty any more (another process wrote there): leave it.
+            with contextlib.suppress(OSError):
                 d.rmdir()
-            except OSError:  # not empty any more (another process): leave it
-                pass
