@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import shlex
 import sys
 
 from spinegrade import __version__
@@ -79,6 +80,7 @@ def add_config_args(parser: argparse.ArgumentParser, default: str = "v8",
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``spinegrade`` console script."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
@@ -99,9 +101,24 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("OSError", exc_info=True)
         return 2
     except KeyboardInterrupt:
-        print(f"\nspinegrade {args.command}: interrupted; run the same command again to resume.",
+        print(f"\nspinegrade {args.command}: interrupted; to resume, run:\n  "
+              f"{resume_command(argv, getattr(args, 'resume_flag', None), getattr(args, 'restart_flag', None))}",
               file=sys.stderr)
         return 130
+
+
+def resume_command(argv: list[str], flag: str | None = None, restart: str | None = None) -> str:
+    """The exact command line that continues an interrupted one.
+
+    Args:
+        argv: the interrupted command's arguments.
+        flag: the command's resume option (``--resume``), added if missing.
+        restart: the command's restart option, dropped: rerun, it would start over again.
+    """
+    args = [a for a in argv if a != restart] if restart else list(argv)
+    if flag and flag not in args:
+        args.append(flag)
+    return "spinegrade " + shlex.join(args)
 
 
 if __name__ == "__main__":

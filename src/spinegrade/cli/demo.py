@@ -98,9 +98,13 @@ def run(args: argparse.Namespace) -> int:
         return {"cache": str(prepare_cache(data, cache_root, settings, workers=args.workers))}
 
     def train() -> dict[str, Any]:
+        from spinegrade.engine.run_folder import RunFolder
         from spinegrade.engine.train import fit
 
-        return fit(cfg, cache_dir, run_dir, resume=True)
+        final = RunFolder(run_dir).final
+        if final.is_file():  # finished before its stage marker was written: keep it
+            return json.loads(final.read_text())
+        return fit(cfg, cache_dir, run_dir)
 
     def evaluate() -> dict[str, Any]:
         from spinegrade.engine.evaluate import evaluate_run

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--restart", action="store_true",
                    help="ignore checkpoints already in --out and train from scratch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, restart_flag="--restart")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -61,9 +61,19 @@ def pixel_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out))  # tuples -> lists, so dicts from JSON compare equal
 
 
-def cache_key(settings: Mapping[str, Any]) -> str:
-    """``<condition>-<hash8>``: the folder name of the cache for these settings."""
-    blob = json.dumps(pixel_config(settings), sort_keys=True).encode()
+def cache_key(settings: Mapping[str, Any], dataset: str = "") -> str:
+    """``<condition>-<hash8>``: the folder name of the cache for these settings.
+
+    Args:
+        settings: the data settings.
+        dataset: the dataset fingerprint (``data.prepare.dataset_fingerprint``); a different
+            dataset prepared into the same root gets its own folder, never replacing the
+            cache that earlier runs were trained on.
+    """
+    key: dict[str, Any] = {"pixels": pixel_config(settings)} if dataset else pixel_config(settings)
+    if dataset:
+        key["dataset"] = dataset
+    blob = json.dumps(key, sort_keys=True).encode()
     return f"{settings['condition']}-{hashlib.sha256(blob).hexdigest()[:8]}"
 
 
@@ -150,6 +160,15 @@ class CropCache:
         meta = cache_meta(data_cfg_dict, index_df, crops.shape, extra_meta or {})
         atomic_write_text(path / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
         return cls.open(path)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a run trained on this cache records (``run.json``) to notice a changed cache:
+        a hash of index.csv (samples, labels, rows), the pixel settings and the crops' shape."""
+        h = hashlib.sha256((self.path / INDEX_FILE).read_bytes())
+        h.update(json.dumps([pixel_config(self.data_cfg), list(self.crops.shape)],
+                            sort_keys=True).encode())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -38,6 +38,7 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
+from spinegrade.constants import COORDINATES_CSV, TRAIN_CSV, series_descriptions_csv
 from spinegrade.data.cache import (
     CROPS_FILE,
     INDEX_FILE,
@@ -47,7 +48,7 @@ from spinegrade.data.cache import (
     write_index,
 )
 from spinegrade.data.preprocess import CropRequest, VolumeCropper, build_cropper
-from spinegrade.data.rsna import build_index, series_folder
+from spinegrade.data.rsna import LABELLED_SPLIT, build_index, series_folder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.io.dicom import Volume, read_series
@@ -447,6 +448,33 @@ def _index_fingerprint(index: pd.DataFrame) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def dataset_fingerprint(data_dir: str | Path) -> dict[str, Any]:
+    """Which dataset a cache was made from: its folder and a hash of each label CSV.
+
+    Returns:
+        ``data_dir`` (absolute), ``csv_sha256`` (file name -> sha256 of its bytes, or None
+        when absent) and ``fingerprint`` (16 hex digits over the hashes: the folder may move,
+        the labels may not change).
+    """
+    data_dir = Path(data_dir)
+    hashes = {}
+    for name in (TRAIN_CSV, COORDINATES_CSV, series_descriptions_csv(LABELLED_SPLIT)):
+        path = data_dir / name
+        hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    blob = json.dumps(hashes, sort_keys=True).encode()
+    return {"data_dir": str(data_dir.resolve()), "csv_sha256": hashes,
+            "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def _check_not_replacing(cache_dir: Path, meta: dict, fingerprint: str) -> None:
+    """Refuse to rebuild a complete cache in place: runs trained on it would silently change."""
+    raise UserError(
+        f"{cache_dir} is a complete cache of {meta.get('data_dir', 'another dataset')} built "
+        f"from other samples (index fingerprint {meta.get('index_fingerprint')} != "
+        f"{fingerprint}: series folders added or removed?). Runs trained on it would no "
+        "longer match it. Prepare into another --out, or delete the folder to rebuild it.")
+
+
 def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, Any],
             workers: int = 1, progress: bool = True) -> Path:
     """Build (or finish, or reuse) the crop cache of ``settings["condition"]``.
@@ -460,15 +488,19 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
         progress: show a tqdm bar.
 
     Returns:
-        The cache folder (open it with :meth:`CropCache.open`).
+        The cache folder (open it with :meth:`CropCache.open`). Its name covers the pixel
+        settings and the dataset's label CSVs (:func:`dataset_fingerprint`): another dataset
+        into the same ``out_dir`` makes another folder.
 
     Raises:
-        UserError: the data folder lacks the CSVs, or no sample could be prepared.
+        UserError: the data folder lacks the CSVs, no sample could be prepared, or a
+            complete cache of the same CSVs holds other samples (it is not replaced).
     """
     data_dir = Path(data_dir)
     condition = settings["condition"]
-    cache_dir = Path(out_dir) / cache_key(settings)
     index, problems = build_index(data_dir, condition)
+    dataset = dataset_fingerprint(data_dir)
+    cache_dir = Path(out_dir) / cache_key(settings, dataset["fingerprint"])
     fingerprint = _index_fingerprint(index)
     meta_path = cache_dir / META_FILE
     if meta_path.is_file() and (cache_dir / CROPS_FILE).is_file():
@@ -476,7 +508,7 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
         if meta.get("index_fingerprint") == fingerprint:
             log.info("cache %s is complete and up to date; nothing to do", cache_dir)
             return cache_dir
-        meta_path.unlink()  # same settings, different labels: rebuild (shards re-checked)
+        _check_not_replacing(cache_dir, meta, fingerprint)
     if index.empty:
         raise UserError(f"{data_dir}: no usable {condition} label; see the problems "
                         "above (empty labels, missing series, ...)")
@@ -488,7 +520,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     _run_tasks(tasks, settings, workers, progress)
     _consolidate(cache_dir, index, tasks, problems, settings,
                  {"cache_key": cache_dir.name, "index_fingerprint": fingerprint,
-                  "data_dir": str(data_dir.resolve()), "series": len(tasks)})
+                  "data_dir": str(data_dir.resolve()), "dataset": dataset,
+                  "series": len(tasks)})
     shutil.rmtree(shards_dir, ignore_errors=True)
     for leftover in cache_dir.glob(".*"):  # atomic_path temporaries of a killed writer
         if leftover.is_file():
