@@ -109,3 +109,13 @@ def test_failed_train_leaves_the_folder_as_it_was(tmp_path, capsys, cache):
     code, err = _train(capsys, cache, run, "--set", "data.img_size=48")  # cache is 32 px
     assert code == 2 and "Traceback" not in err
     assert not run.exists() or not list(run.iterdir())
+
+
+def test_resume_command_is_the_interrupted_one_plus_resume():
+    from spinegrade.cli import resume_command
+
+    argv = ["train", "--cache", "my cache", "--out", "runs/a", "--restart", "--set", "x.y=1"]
+    assert resume_command(argv, "--resume", "--restart") == (
+        "spinegrade train --cache 'my cache' --out runs/a --set x.y=1 --resume")
+    assert resume_command(["train", "--resume"], "--resume") == "spinegrade train --resume"
+    assert resume_command(["prepare", "d", "--out", "c"]) == "spinegrade prepare d --out c"

@@ -101,8 +101,9 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(__name__).debug("OSError", exc_info=True)
         return 2
     except KeyboardInterrupt:
-        print(f"\nspinegrade {args.command}: interrupted; to resume, run:\n  "
-              f"{resume_command(argv, getattr(args, 'resume_flag', None), getattr(args, 'restart_flag', None))}",
+        again = resume_command(argv, getattr(args, "resume_flag", None),
+                               getattr(args, "restart_flag", None))
+        print(f"\nspinegrade {args.command}: interrupted; to resume, run:\n  {again}",
               file=sys.stderr)
         return 130
 
