@@ -38,17 +38,18 @@ import numpy as np
 import pandas as pd
 from tqdm import tqdm
 
-from spinegrade.constants import COORDINATES_CSV, TRAIN_CSV, series_descriptions_csv
 from spinegrade.data.cache import (
     CROPS_FILE,
     INDEX_FILE,
     META_FILE,
     cache_key,
     cache_meta,
+    dataset_fingerprint,
+    is_current_cache,
     write_index,
 )
 from spinegrade.data.preprocess import CropRequest, VolumeCropper, build_cropper
-from spinegrade.data.rsna import LABELLED_SPLIT, build_index, series_folder
+from spinegrade.data.rsna import build_index, series_folder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.io.dicom import Volume, read_series
@@ -448,33 +449,6 @@ def _index_fingerprint(index: pd.DataFrame) -> str:
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
-def dataset_fingerprint(data_dir: str | Path) -> dict[str, Any]:
-    """Which dataset a cache was made from: its folder and a hash of each label CSV.
-
-    Returns:
-        ``data_dir`` (absolute), ``csv_sha256`` (file name -> sha256 of its bytes, or None
-        when absent) and ``fingerprint`` (16 hex digits over the hashes: the folder may move,
-        the labels may not change).
-    """
-    data_dir = Path(data_dir)
-    hashes = {}
-    for name in (TRAIN_CSV, COORDINATES_CSV, series_descriptions_csv(LABELLED_SPLIT)):
-        path = data_dir / name
-        hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
-    blob = json.dumps(hashes, sort_keys=True).encode()
-    return {"data_dir": str(data_dir.resolve()), "csv_sha256": hashes,
-            "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
-
-
-def _check_not_replacing(cache_dir: Path, meta: dict, fingerprint: str) -> None:
-    """Refuse to rebuild a complete cache in place: runs trained on it would silently change."""
-    raise UserError(
-        f"{cache_dir} is a complete cache of {meta.get('data_dir', 'another dataset')} built "
-        f"from other samples (index fingerprint {meta.get('index_fingerprint')} != "
-        f"{fingerprint}: series folders added or removed?). Runs trained on it would no "
-        "longer match it. Prepare into another --out, or delete the folder to rebuild it.")
-
-
 def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, Any],
             workers: int = 1, progress: bool = True) -> Path:
     """Build (or finish, or reuse) the crop cache of ``settings["condition"]``.
@@ -502,13 +476,9 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     dataset = dataset_fingerprint(data_dir)
     cache_dir = Path(out_dir) / cache_key(settings, dataset["fingerprint"])
     fingerprint = _index_fingerprint(index)
-    meta_path = cache_dir / META_FILE
-    if meta_path.is_file() and (cache_dir / CROPS_FILE).is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("index_fingerprint") == fingerprint:
-            log.info("cache %s is complete and up to date; nothing to do", cache_dir)
-            return cache_dir
-        _check_not_replacing(cache_dir, meta, fingerprint)
+    if is_current_cache(cache_dir, fingerprint):
+        log.info("cache %s is complete and up to date; nothing to do", cache_dir)
+        return cache_dir
     if index.empty:
         raise UserError(f"{data_dir}: no usable {condition} label; see the problems "
                         "above (empty labels, missing series, ...)")

@@ -16,17 +16,22 @@ No torch here: the checkpoint is read through ``run_folder``.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import yaml
 
-from spinegrade.config import Config, config_to_dict
+from spinegrade.config import Config, config_to_dict, save_config
 from spinegrade.engine import run_folder as rf
 from spinegrade.engine.run_folder import RunFolder
+from spinegrade.engine.split import save_split
 from spinegrade.errors import UserError
+
+log = logging.getLogger(__name__)
 
 # Settings that change how a run is executed, not what it computes: they may differ on resume.
 RUNTIME_KEYS: frozenset[str] = frozenset({"data.num_workers", "train.log_every"})
@@ -134,6 +139,20 @@ def decide(run: RunFolder, cfg: Config, cache: Any, *, resume: bool, restart: bo
 
 def _epoch(state: FolderState) -> str:
     return "" if state.last_epoch is None else f" (last checkpoint: epoch {state.last_epoch})"
+
+
+def start_outputs(run: RunFolder, cfg: Config, split: pd.DataFrame, restart: bool,
+                  info: dict[str, Any]) -> None:
+    """What a run writes once set up: with ``restart`` the old outputs go first, then
+    config.yaml, run.json and split.csv (main process only)."""
+    if restart:
+        removed = clear_outputs(run)
+        if removed:
+            log.info("--restart: removed %s", ", ".join(p.name for p in removed))
+    run.root.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run.root)
+    rf.write_json(run.run_info, info)
+    save_split(split, run.root)
 
 
 def clear_outputs(run: RunFolder) -> list[Path]:

@@ -28,7 +28,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
-from spinegrade.config import Config, save_config
+from spinegrade.config import Config
 from spinegrade.constants import CLASS_NAMES, NUM_CLASSES
 from spinegrade.data.augment import BatchAugment, mixup, to_model_input
 from spinegrade.data.cache import CropCache
@@ -46,7 +46,7 @@ from spinegrade.engine.loop import (
 from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer
-from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
+from spinegrade.engine.split import load_split, make_folds, rows_for_fold
 from spinegrade.engine.tta import predict_views
 from spinegrade.errors import UserError
 from spinegrade.metrics import summarize
@@ -268,9 +268,11 @@ def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool,
                 monitor=DeadClassMonitor(cfg.train.dead_class_patience, cfg.train.dead_class_action),
                 augment=_make_augment(cfg) if cfg.train.augment else None,
                 aug_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + s.rank))
-    _start_run_folder(run, cfg, cache, split, s, restart,
-                      rf.run_info(cache, fold, s.world_size, str(s.device), len(train_rows),
-                                  len(val_rows), torch.__version__))
+    if s.is_main:
+        rerun.start_outputs(run, cfg, split, restart, rf.run_info(
+            cache, fold, s.world_size, str(s.device), len(train_rows), len(val_rows),
+            torch.__version__))
+    dist_util.barrier()
     last = run.checkpoint("last")
     if resume and last.is_file():
         _restore(t, rf.read_checkpoint(last, map_location=s.device))
@@ -289,26 +291,11 @@ def _make_augment(cfg: Config) -> BatchAugment:
 
 
 def _load_or_make_split(cfg: Config, cache: Any, run: RunFolder, resume: bool) -> pd.DataFrame:
-    """The run's saved split when resuming, else a fresh one (saved by _start_run_folder)."""
+    """The run's saved split when resuming, else a fresh one (saved by rerun.start_outputs)."""
     if run.split.is_file() and resume:
         return load_split(run.root)
     # Every process computes the same split from the same seed.
     return make_folds(cache.index, cfg.data.folds, cfg.train.seed)
-
-
-def _start_run_folder(run: RunFolder, cfg: Config, cache: Any, split: pd.DataFrame,
-                      s: Settings, restart: bool, info: dict) -> None:
-    """``--restart``: remove the old outputs; then config.yaml, run.json and split.csv."""
-    if s.is_main:
-        if restart:
-            removed = rerun.clear_outputs(run)
-            if removed:
-                log.info("--restart: removed %s", ", ".join(p.name for p in removed))
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.root)
-        rf.write_json(run.run_info, info)
-        save_split(split, run.root)
-    dist_util.barrier()
 
 
 def _run_epoch(t: Trainer, epoch: int) -> None:
