@@ -381,12 +381,8 @@ def predict(
     device = resolve_device(pcfg.device)
     problems: list[Problem] = []
     if study_dir is not None:
-        st, probs = study_from_folder(Path(study_dir))
-        if not st.series:
-            reasons = "; ".join(f"{p.file}: {p.message}" for p in probs[:3]) or "no sub-folders"
-            raise UserError(f"--study {study_dir}: no readable DICOM series ({reasons}); give "
-                            "a study folder holding one folder of .dcm files per series")
-        studies, problems = [st], probs
+        st, problems = _readable_study(Path(study_dir))
+        studies = [st]
     else:
         studies = studies_from_dataset(Path(data_dir), split)
     localizer = LocalizerRun.load(localizer_dir, pcfg.device)
@@ -412,6 +408,16 @@ def predict(
     if pcfg.figures:
         files["figures"] = fig_dir
     return PredictOutput(submission, results, problems, files)
+
+
+def _readable_study(study_dir: Path) -> tuple[StudyInput, list[Problem]]:
+    """``--study``: the folder's series; a folder without one readable series is an error."""
+    st, problems = study_from_folder(study_dir)
+    if not st.series:
+        reasons = "; ".join(f"{p.file}: {p.message}" for p in problems[:3]) or "no sub-folders"
+        raise UserError(f"--study {study_dir}: no readable DICOM series ({reasons}); give "
+                        "a study folder holding one folder of .dcm files per series")
+    return st, problems
 
 
 def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
