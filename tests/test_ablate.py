@@ -48,7 +48,7 @@ def test_dead_class_column_names_the_class_and_epochs(tmp_path):
 
 def test_plan_applies_preset_overrides_and_one_factor(tmp_path):
     runs = ablate.plan_runs(["v4"], [0, 1], tmp_path, preset="ablate-demo",
-                            overrides=["train.epochs=3"], one_factor="v8")
+                            overrides=["train.epochs=3", "train.swa_start_epoch=3"], one_factor="v8")
     labels = sorted({r.label for r in runs})
     assert "v4" in labels and "v8:swa=off" in labels and "v8:sampler=weighted" in labels
     assert len(runs) == 2 * (1 + len(ablate.ONE_FACTOR_ABLATIONS))

@@ -70,7 +70,7 @@ def test_packaged_config_by_name_and_inheritance():
 
 
 def test_overrides_parse_types():
-    cfg = load_config("v8", ["train.epochs=3", "train.head_lr=1e-3", "model.pretrained=false",
+    cfg = load_config("v8", ["train.epochs=3", "train.swa_start_epoch=3", "train.head_lr=1e-3", "model.pretrained=false",
                              "eval.tta_scales=[0.8, 1.2]", "data.condition=left_subarticular_stenosis"])
     assert cfg.train.epochs == 3
     assert cfg.train.head_lr == pytest.approx(1e-3)
@@ -120,14 +120,14 @@ def test_bad_yaml_files(tmp_path):
 
 def test_user_config_inherits_from_packaged_by_relative_path(tmp_path):
     (tmp_path / "mine.yaml").write_text(
-        f"base: {PACKAGE_CONFIG_DIR / 'v8.yaml'}\nname: mine\ntrain:\n  epochs: 7\n")
+        f"base: {PACKAGE_CONFIG_DIR / 'v8.yaml'}\nname: mine\ntrain:\n  epochs: 7\n  swa_start_epoch: 6\n")
     cfg = load_config(tmp_path / "mine.yaml", ["train.batch_size=4"])
     assert (cfg.name, cfg.train.epochs, cfg.train.batch_size) == ("mine", 7, 4)
     assert cfg.train.head_lr == 1e-4
 
 
 def test_round_trip_through_saved_yaml(tmp_path):
-    cfg = load_config("demo", ["train.epochs=5"])
+    cfg = load_config("demo", ["train.epochs=5", "train.swa_start_epoch=4"])
     path = save_config(cfg, tmp_path)
     assert config_from_dict(yaml.safe_load(path.read_text())) == cfg
     assert config_to_yaml(cfg) == path.read_text()
@@ -140,7 +140,8 @@ def test_config_is_frozen():
 
 
 def test_cli_prints_resolved_config(capsys):
-    assert main(["config", "--config", "demo", "--set", "train.epochs=4"]) == 0
+    assert main(["config", "--config", "demo", "--set", "train.epochs=4", "--set",
+                 "train.swa_start_epoch=4"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["train"]["epochs"] == 4
     assert printed["name"] == "demo"

@@ -1,8 +1,9 @@
-"""Kill training with SIGKILL after epoch 2, resume, and get the uninterrupted run's weights."""
+"""Interrupt training (SIGKILL, Ctrl-C), continue as told, and get the uninterrupted run."""
 
 from __future__ import annotations
 
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -16,11 +17,30 @@ from spinegrade.engine.checkpoint import load_checkpoint
 from spinegrade.engine.train import KILL_ENV
 
 
-def _train(cache, out, *extra, env=None):
-    cmd = [sys.executable, "-m", "spinegrade.cli", "train", "--config", "v8", "--cache",
-           str(cache), "--out", str(out), *cli_args(), *extra]
+def _argv(cache, out, *extra) -> list[str]:
+    return ["train", "--config", "v8", "--cache", str(cache), "--out", str(out), *cli_args(),
+            *extra]
+
+
+def _train(cache, out, *extra, env=None, argv=None):
+    cmd = [sys.executable, "-m", "spinegrade.cli", *(argv or _argv(cache, out, *extra))]
     return subprocess.run(cmd, env={**os.environ, **(env or {})}, capture_output=True, text=True,
                           timeout=600)
+
+
+def _interrupt_during_epoch(cache, out, epoch: int) -> subprocess.CompletedProcess:
+    """Ctrl-C (SIGINT) while epoch ``epoch`` trains: sent when the previous epoch's line is
+    printed, i.e. after its checkpoints are written."""
+    cmd = [sys.executable, "-m", "spinegrade.cli", *_argv(cache, out)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out_lines = []
+    for line in proc.stdout:
+        out_lines.append(line)
+        if line.startswith(f"epoch {epoch - 1:3d}/"):
+            proc.send_signal(signal.SIGINT)
+            break
+    stdout, stderr = proc.communicate(timeout=600)
+    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out_lines) + stdout, stderr)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:
@@ -29,36 +49,50 @@ def _assert_same_state(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), k
 
 
+def _assert_same_run(full, other) -> None:
+    """Weights of every checkpoint torch.equal, SWA state, metrics.csv and oof.csv equal."""
+    for name in ("last", "swa", "best"):
+        a = load_checkpoint(full / f"checkpoints/{name}.pt")
+        b = load_checkpoint(other / f"checkpoints/{name}.pt")
+        assert a["epoch"] == b["epoch"]
+        _assert_same_state(a["model"], b["model"])
+    last_a = load_checkpoint(full / "checkpoints/last.pt")
+    last_b = load_checkpoint(other / "checkpoints/last.pt")
+    assert last_a["swa"]["n_averaged"].item() == last_b["swa"]["n_averaged"].item() == 2
+    _assert_same_state(last_a["swa"], last_b["swa"])
+    ma = pd.read_csv(full / "metrics.csv").drop(columns="seconds")
+    mb = pd.read_csv(other / "metrics.csv").drop(columns="seconds")
+    pd.testing.assert_frame_equal(ma, mb)
+    pd.testing.assert_frame_equal(pd.read_csv(full / "oof.csv"), pd.read_csv(other / "oof.csv"))
+
+
 @pytest.mark.slow
-def test_sigkill_after_epoch_2_then_resume_equals_uninterrupted(tmp_path):
+def test_interrupted_runs_continued_as_told_equal_the_uninterrupted_one(tmp_path):
+    """SIGKILL after epoch 2, then the original command line; Ctrl-C during epoch 3, then the
+    command the message prints: both give the uninterrupted run exactly."""
     cache = make_cache(tmp_path / "cache").path
     full = _train(cache, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-3000:]
 
-    killed = _train(cache, tmp_path / "resumed", env={KILL_ENV: "2"})
+    killed = _train(cache, tmp_path / "killed", env={KILL_ENV: "2"})
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
-    assert load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")["epoch"] == 2
-    assert not (tmp_path / "resumed/checkpoints/swa.pt").exists()
+    assert load_checkpoint(tmp_path / "killed/checkpoints/last.pt")["epoch"] == 2
+    assert not (tmp_path / "killed/checkpoints/swa.pt").exists()
+    again = _train(cache, tmp_path / "killed")  # the original command, no --resume
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr and "after epoch 2" in again.stderr
+    _assert_same_run(tmp_path / "full", tmp_path / "killed")
 
-    resumed = _train(cache, tmp_path / "resumed", "--resume")
+    stopped = _interrupt_during_epoch(cache, tmp_path / "ctrl_c", epoch=3)
+    assert stopped.returncode == 130, stopped.stderr[-3000:]
+    assert "Traceback" not in stopped.stderr
+    printed = stopped.stderr.strip().splitlines()[-1].strip()
+    assert printed.startswith("spinegrade train ") and printed.endswith("--resume")
+    assert not (tmp_path / "ctrl_c/final.json").exists()
+    resumed = _train(cache, None, argv=shlex.split(printed)[1:])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr
-
-    for name in ("last", "swa", "best"):
-        a = load_checkpoint(tmp_path / f"full/checkpoints/{name}.pt")
-        b = load_checkpoint(tmp_path / f"resumed/checkpoints/{name}.pt")
-        assert a["epoch"] == b["epoch"]
-        _assert_same_state(a["model"], b["model"])
-    last_a = load_checkpoint(tmp_path / "full/checkpoints/last.pt")
-    last_b = load_checkpoint(tmp_path / "resumed/checkpoints/last.pt")
-    assert last_a["swa"]["n_averaged"].item() == last_b["swa"]["n_averaged"].item() == 2
-    _assert_same_state(last_a["swa"], last_b["swa"])
-
-    ma = pd.read_csv(tmp_path / "full/metrics.csv").drop(columns="seconds")
-    mb = pd.read_csv(tmp_path / "resumed/metrics.csv").drop(columns="seconds")
-    pd.testing.assert_frame_equal(ma, mb)
-    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "full/oof.csv"),
-                                  pd.read_csv(tmp_path / "resumed/oof.csv"))
+    _assert_same_run(tmp_path / "full", tmp_path / "ctrl_c")
 
 
 def test_loader_workers_do_not_draw_from_the_sampler_generator(tmp_path):

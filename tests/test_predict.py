@@ -11,7 +11,14 @@ import pytest
 import torch
 
 from spinegrade.config import config_to_dict, load_config, save_config
-from spinegrade.constants import CLASS_BALANCE, CONDITIONS, LEVELS, SUBMISSION_COLUMNS, row_id
+from spinegrade.constants import (
+    CLASS_BALANCE,
+    CONDITIONS,
+    LEVELS,
+    PRIOR_FLOOR,
+    SUBMISSION_COLUMNS,
+    row_id,
+)
 from spinegrade.engine import predict as P
 from spinegrade.engine.checkpoint import save_checkpoint
 
@@ -59,12 +66,43 @@ def test_parse_classifier_spec(tmp_path):
 
 
 def test_priors_are_distributions_and_reweighted():
+    f = PRIOR_FLOOR
     plain = P.default_prior("spinal_canal_stenosis", reweight=False)
     assert plain.shape == (len(LEVELS), 3)
-    np.testing.assert_allclose(plain[0], np.array(CLASS_BALANCE["spinal_canal_stenosis"])
-                               / sum(CLASS_BALANCE["spinal_canal_stenosis"]), atol=1e-6)
+    balance = np.array(CLASS_BALANCE["spinal_canal_stenosis"])
+    np.testing.assert_allclose(plain[0], f + (1 - 3 * f) * balance / balance.sum(), atol=1e-12)
+    # Add-one on the counts (9, 2, 2), reweighted by 1/2/4 -> (9, 4, 8) / 21, then the floor.
     rew = P.prior_probs(np.array([8.0, 1.0, 1.0]), reweight=True)
-    np.testing.assert_allclose(rew, np.array([8.0, 2.0, 4.0]) / 14.0)
+    np.testing.assert_allclose(rew, f + (1 - 3 * f) * np.array([9.0, 4.0, 8.0]) / 21.0)
+
+
+def test_fallback_prior_of_a_level_without_moderate_or_severe_is_smoothed(tmp_path):
+    """Training folds with only Normal/Mild at L5/S1 must not give exact zeros (one such
+    fallback row would cost ~34 nats under the metric's eps clipping)."""
+    from spinegrade.data.cache import CropCache
+    from spinegrade.engine.run_folder import RunFolder, write_json
+
+    labels = {1000: [0, 1, 2, 1, 0], 1001: [0, 0, 1, 2, 0], 1002: [1, 2, 0, 0, 0],
+              1003: [2, 2, 2, 2, 2]}  # 1003 is the validation fold: its Severe L5/S1 is unseen
+    rows = [{"study_id": st, "level": lv, "level_idx": i, "label": lab[i]}
+            for st, lab in labels.items() for i, lv in enumerate(LEVELS)]
+    cache = CropCache.create(tmp_path / "cache", np.zeros((len(rows), 1, 3, 4, 4), np.uint8),
+                             pd.DataFrame(rows), {"img_size": 4, "n_slices": 1})
+    run = RunFolder(tmp_path / "run")
+    run.root.mkdir()
+    write_json(run.run_info, {"cache": str(cache.path), "fold": 0})
+    pd.DataFrame({"study_id": list(labels), "fold": [1, 2, 1, 0]}).to_csv(run.split, index=False)
+
+    prior = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=True)
+    f = PRIOR_FLOOR
+    # L5/S1 training counts (3, 0, 0) -> add-one (4, 1, 1) -> x (1, 2, 4) = (4, 2, 4) / 10.
+    np.testing.assert_allclose(prior[4], f + (1 - 3 * f) * np.array([0.4, 0.2, 0.4]))
+    # L1/L2 counts (2, 1, 0) -> (3, 2, 1) -> (3, 4, 4) / 11.
+    np.testing.assert_allclose(prior[0], f + (1 - 3 * f) * np.array([3.0, 4.0, 4.0]) / 11.0)
+    assert prior.min() >= PRIOR_FLOOR
+    np.testing.assert_allclose(prior.sum(axis=1), 1.0)
+    plain = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=False)
+    assert plain.min() >= PRIOR_FLOOR  # no zero without the reweighting either
 
 
 def test_series_type_from_dicom_descriptions():
@@ -117,7 +155,7 @@ def test_predict_dataset_with_broken_studies(synth_dir, runs, tmp_path):
     sub = pd.read_csv(tmp_path / "sub" / "submission.csv")
     assert len(sub) == 25 * len(studies) and sub["row_id"].is_unique
     np.testing.assert_allclose(sub[list(SUBMISSION_COLUMNS[1:])].sum(axis=1), 1.0, atol=1e-5)
-    problems = pd.read_csv(tmp_path / "sub" / "problems.csv")
+    problems = pd.read_csv(tmp_path / "sub" / "submission_problems.csv")
     assert {"missing_series", "unreadable_series"} <= set(problems["kind"])
     by_study = {r.study_id: r for r in out.results}
     broken = by_study[str(studies[0])]
@@ -127,7 +165,9 @@ def test_predict_dataset_with_broken_studies(synth_dir, runs, tmp_path):
     assert healthy.source[("spinal_canal_stenosis", 0)] == "model"
     assert healthy.source[("left_subarticular_stenosis", 0)] == "prior: no classifier"
     assert (tmp_path / "sub" / "submission_figures" / f"{studies[-1]}.png").is_file()
-    assert (tmp_path / "sub" / "studies.csv").is_file()
+    assert (tmp_path / "sub" / "submission_studies.csv").is_file()
+    assert (tmp_path / "sub" / "submission_locations.csv").is_file()
+    assert not (tmp_path / "sub" / "problems.csv").exists()
     solution = pd.read_csv(synth_dir / "solution.csv")
     score = competition_score(solution, sub)
     assert np.isfinite(score["score"])
@@ -147,3 +187,31 @@ def test_predict_one_study_folder_prints_grades(synth_dir, runs, tmp_path, capsy
     sub = pd.read_csv(out)
     assert len(sub) == 25 and sub["row_id"].str.startswith(study.name).all()
     assert load_config(tmp_path / "one_config.yaml").predict.tta is False
+    # A second --study prediction into the same folder keeps the first one's side files.
+    other = sorted((synth_dir / "test_images").iterdir())[1]
+    assert main(["predict", "--study", str(other), "--classifier", str(runs["spinal"]),
+                 "--localizer", str(runs["localizer"]), "--out", str(tmp_path / "two.csv"),
+                 "--no-progress", "--set", "predict.tta=false"]) == 0
+    for stem, st in (("one", study), ("two", other)):
+        located = pd.read_csv(tmp_path / f"{stem}_locations.csv")
+        assert set(located["study_id"].astype(str)) == {st.name}
+        assert (tmp_path / f"{stem}_problems.csv").is_file()
+        timing = pd.read_csv(tmp_path / f"{stem}_studies.csv")
+        assert timing["study_id"].astype(str).tolist() == [st.name]
+
+
+@pytest.mark.parametrize("content", ["empty", "junk"])
+def test_predict_study_without_readable_series_is_an_error(tmp_path, capsys, content):
+    from spinegrade.cli import main
+
+    study = tmp_path / "12345"
+    study.mkdir()
+    if content == "junk":
+        (study / "777").mkdir()
+        (study / "777" / "1.dcm").write_bytes(b"not a dicom file")
+    out = tmp_path / "sub.csv"
+    code = main(["predict", "--study", str(study), "--localizer", str(tmp_path / "loc"),
+                 "--out", str(out), "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "no readable DICOM series" in err and str(study) in err
+    assert "Traceback" not in err and not out.exists()

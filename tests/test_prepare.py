@@ -22,6 +22,7 @@ from spinegrade.data.cache import CropCache
 from spinegrade.data.prepare import KILL_ENV, prepare
 from spinegrade.data.preprocess import CropRequest
 from spinegrade.data.reference import crops_from_dicom
+from spinegrade.errors import UserError
 from spinegrade.problems import read_problems
 
 SPINAL = "spinal_canal_stenosis"
@@ -133,6 +134,32 @@ def test_rerun_reuses_and_setting_change_makes_new_cache(tmp_path, capsys):
     assert main(["gallery", str(first.path), "--per-class", "2",
                  "--out", str(tmp_path / "g.png")]) == 0
     assert (tmp_path / "g.png").stat().st_size > 1000
+
+
+def test_other_dataset_into_the_same_out_gets_its_own_cache(tmp_path):
+    """A different dataset never replaces the cache earlier runs were trained on; the cache
+    records which dataset made it."""
+    import hashlib
+    import json
+
+    a = make_dataset(tmp_path / "a", n_studies=2)
+    b = make_dataset(tmp_path / "b", n_studies=3)
+    first = CropCache.open(prepare(a, tmp_path / "cache", CFG, workers=1, progress=False))
+    before = {n: (first.path / n).read_bytes() for n in ("crops.npy", "index.csv", "meta.json")}
+    second = CropCache.open(prepare(b, tmp_path / "cache", CFG, workers=1, progress=False))
+    assert second.path != first.path and len(first) == 10 and len(second) == 15
+    assert {n: (first.path / n).read_bytes() for n in before} == before  # untouched
+    dataset = json.loads((second.path / "meta.json").read_text())["dataset"]
+    assert dataset["data_dir"] == str(b.resolve())
+    for name in ("train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv"):
+        assert dataset["csv_sha256"][name] == hashlib.sha256((b / name).read_bytes()).hexdigest()
+    with pytest.raises(UserError, match="holds several caches"):  # --cache ROOT is ambiguous now
+        CropCache.open(tmp_path / "cache")
+    # Same CSVs, but a series folder gone: the complete cache is not rebuilt in place.
+    shutil.rmtree(_series_dir(a, 2))
+    with pytest.raises(UserError, match=r"another --out, or delete the folder"):
+        prepare(a, tmp_path / "cache", CFG, workers=1, progress=False)
+    assert {n: (first.path / n).read_bytes() for n in before} == before
 
 
 @pytest.mark.slow

@@ -55,13 +55,16 @@ def data_dir(tmp_path):
         "2,20,1,Spinal Canal Stenosis,L1/L2,1.0,1.0",
         "3,30,1,Spinal Canal Stenosis,L1/L2,1.0,1.0",
         # study 4: negative coordinate, missing y, unknown level, unknown condition,
-        # a duplicate point, and a good one on a series with an odd description.
+        # a good point on a series with an odd description, repeated identically (kept
+        # once), and two disagreeing points for L5/S1 (left out, not resolved by order).
         "4,40,2,Spinal Canal Stenosis,L1/L2,-3.0,4.0",
         "4,40,2,Spinal Canal Stenosis,L2/L3,3.0,",
         "4,40,2,Spinal Canal Stenosis,L6/S2,3.0,4.0",
         "4,40,2,Spinal Stenosis,L3/L4,3.0,4.0",
         "4,40,2,Spinal Canal Stenosis,L4/L5,3.0,4.0",
-        "4,40,3,Spinal Canal Stenosis,L4/L5,9.0,9.0",
+        "4,40,2,Spinal Canal Stenosis,L4/L5,3.0,4.0",
+        "4,40,2,Spinal Canal Stenosis,L5/S1,3.0,4.0",
+        "4,40,3,Spinal Canal Stenosis,L5/S1,9.0,9.0",
         # a study with coordinates but no train.csv row.
         "5,50,1,Spinal Canal Stenosis,L1/L2,1.0,1.0",
     ]
@@ -87,22 +90,51 @@ def test_every_left_out_row_is_a_problem(data_dir):
     assert kinds == Counter({
         "empty_label": 1,             # study 1 L4/L5 (its point then has no label)
         "no_label": 2,                # study 1 L4/L5 point, study 5 (not in train.csv)
-        # study 1 L5/S1; studies 2 and 3 L2/L3..L5/S1; study 4 levels whose points were bad.
-        "no_coordinates": 1 + 4 + 4 + 4,
+        # study 1 L5/S1; studies 2 and 3 L2/L3..L5/S1; study 4 levels whose points were bad
+        # (L5/S1, whose two points disagree, is reported as that).
+        "no_coordinates": 1 + 4 + 4 + 3,
         "missing_series": 1,          # study 2: folder absent
         "unknown_series": 1,          # study 3: not in the descriptions CSV
         "coordinate_out_of_image": 1,  # negative x
         "missing_coordinate": 1,      # empty y
         "unknown_level": 1,
         "unknown_condition": 1,
-        "duplicate_coordinate": 1,
+        "duplicate_coordinate": 2,    # the identical repeat, the disagreeing pair
         "unknown_series_description": 1,
         "unexpected_series_type": 1,  # Sagittal T2 FLAIR kept with a warning
     })
     by_kind = {p.kind: p for p in problems}
-    assert by_kind["duplicate_coordinate"].row == 13
+    dups = sorted((p for p in problems if p.kind == "duplicate_coordinate"), key=lambda p: p.row)
+    assert [(p.row, p.severity) for p in dups] == [(13, "warning"), (15, "skipped")]
+    assert "rows 12 and 13" in dups[0].message and "rows 14 and 15" in dups[1].message
     assert by_kind["unexpected_series_type"].severity == "warning"
     assert by_kind["empty_label"].severity == "skipped" and by_kind["empty_label"].study_id == 1
+
+
+def test_duplicate_study_rows_agreeing_cells_once_conflicting_cells_left_out(tmp_path):
+    """A second train.csv row for a study never silently replaces the first one's labels."""
+    first = ["Normal/Mild", "Moderate", "Severe", "Normal/Mild", "Moderate"]
+    second = ["Normal/Mild", "Severe", "Severe", "", "Moderate"]  # L2/L3 and L4/L5 disagree
+    coords = [f"7,70,{i + 1},Spinal Canal Stenosis,{t},5.0,5.0"
+              for i, t in enumerate(["L1/L2", "L2/L3", "L3/L4", "L4/L5", "L5/S1"])]
+    root = _write(tmp_path, [_labels(7, first), _labels(8, ["Normal/Mild"] * 5),
+                             _labels(7, second)], coords, ["7,70,Sagittal T2/STIR"], [(7, 70)])
+    index, problems = build_index(root, SPINAL)
+    assert index[["level", "label"]].values.tolist() == [["l1_l2", 0], ["l3_l4", 2],
+                                                          ["l5_s1", 1]]
+    conflicts = sorted((p for p in problems if p.kind == "conflicting_duplicate"),
+                       key=lambda p: p.message)
+    assert [p.severity for p in conflicts] == ["skipped", "skipped"]
+    assert "l2_l3" in conflicts[0].message and "l4_l5" in conflicts[1].message
+    for p in conflicts:  # both row numbers, and what each said
+        assert p.study_id == 7 and p.row == 3 and "row 1:" in p.message and "row 3:" in p.message
+    assert "row 1: Moderate, row 3: Severe" in conflicts[0].message
+    assert "row 3: empty" in conflicts[1].message
+    (dup,) = [p for p in problems if p.kind == "duplicate_study"]
+    assert (dup.study_id, dup.row, dup.severity) == (7, 3, "warning")
+    assert "rows 1 and 3" in dup.message
+    # Their points are reported as having no usable label (as for an empty label), once each.
+    assert sorted(p.row for p in problems if p.kind == "no_label") == [2, 4]
 
 
 def test_other_condition_and_errors(data_dir, tmp_path):

@@ -109,3 +109,26 @@ def test_help_describes_every_option(capsys):
     out = capsys.readouterr().out
     for option in ("SOLUTION.csv", "SUBMISSION.csv", "--from-train", "--json"):
         assert option in out
+
+
+@pytest.mark.parametrize("values, same_as", [((0.0, 0.0, 0.0), (1 / 3, 1 / 3, 1 / 3)),
+                                             # clipped to 1 first: (1, 0.5, 0.25) / 1.75
+                                             ((2.0, 0.5, 0.25), (4 / 7, 2 / 7, 1 / 7))])
+def test_unnormalised_rows_refused_unless_allowed(files, capsys, values, same_as):
+    """An all-zero row or a value above 1 exits 2 naming the row; --allow-unnormalised
+    scores it as the competition did (clipped, then renormalised). A foraminal row: the
+    any-severe term reads spinal rows before renormalising."""
+    sub = pd.read_csv(files["submission"])
+    target = row_id(STUDIES[0], CONDITIONS[1], LEVELS[2])
+    at = sub.index[sub[SUBMISSION_COLUMNS[0]] == target][0]
+    sub.loc[at, list(SUBMISSION_COLUMNS[1:])] = values
+    sub.to_csv(files["submission"], index=False)
+    code, out, err = run(capsys, files["solution"], files["submission"])
+    assert code == 2 and target in err and "--allow-unnormalised" in err
+    assert "score:" not in out and "Traceback" not in err
+    code, out, _ = run(capsys, files["solution"], files["submission"], "--allow-unnormalised",
+                       "--json")
+    assert code == 0
+    sub.loc[at, list(SUBMISSION_COLUMNS[1:])] = same_as
+    expected = competition.competition_score(pd.read_csv(files["solution"]), sub)
+    assert json.loads(out)["score"] == pytest.approx(expected["score"], abs=1e-9)

@@ -160,6 +160,30 @@ def _check_submission(submission: pd.DataFrame) -> pd.DataFrame:
     return sub
 
 
+def check_normalised(submission: pd.DataFrame) -> None:
+    """Reject rows that cannot be probability distributions: all zero, or a value above 1.
+
+    The competition renormalised every row (so such rows scored, as ``competition_score``
+    still does); a submission holding them is usually a bug (logits, percentages, a
+    zero-filled template), so ``spinegrade score`` refuses them unless told otherwise.
+
+    Raises:
+        UserError: naming the rows and ``--allow-unnormalised``.
+    """
+    sub = _check_submission(submission)
+    values = sub[list(PROB_COLUMNS)].to_numpy(dtype=np.float64)
+    allow = ("; if the rows are meant to be renormalised (as the competition did), pass "
+             "--allow-unnormalised")
+    zero = (values == 0).all(axis=1)
+    if zero.any():
+        raise UserError(f"submission has {int(zero.sum())} all-zero row(s): "
+                        f"{_name_some(sub.loc[zero, ROW_ID])}{allow}")
+    above = (values > 1.0).any(axis=1)
+    if above.any():
+        raise UserError(f"submission has {int(above.sum())} row(s) with a probability above 1: "
+                        f"{_name_some(sub.loc[above, ROW_ID])}{allow}")
+
+
 def _align(sol: pd.DataFrame, sub: pd.DataFrame) -> tuple[np.ndarray, int]:
     """Submission probabilities in solution row order, and how many submission rows were unused."""
     indexed = sub.set_index(ROW_ID)[list(PROB_COLUMNS)]
@@ -361,7 +385,8 @@ def uniform_submission(study_ids: Iterable[int | str]) -> pd.DataFrame:
     return out
 
 
-def class_prior(counts: np.ndarray, *, reweight: bool, pseudo_count: float = 0.0) -> np.ndarray:
+def class_prior(counts: np.ndarray, *, reweight: bool, pseudo_count: float = 0.0,
+                floor: float = 0.0) -> np.ndarray:
     """Class frequencies from counts ``(..., K)``, optionally reweighted, each row normalised.
 
     Args:
@@ -369,7 +394,10 @@ def class_prior(counts: np.ndarray, *, reweight: bool, pseudo_count: float = 0.0
         reweight: multiply by ``CLASS_WEIGHTS`` before normalising: the constant that
             minimises the competition's weighted log loss, which is also what a classifier
             trained with class weights [1, 2, 4] outputs when it knows nothing of the image.
-        pseudo_count: added to every count first (keeps unseen classes above zero).
+        pseudo_count: added to every count first (1 = add-one / Dirichlet(1) smoothing:
+            a class unseen in training keeps a probability of the order 1/n).
+        floor: last, each row is mixed with the uniform distribution so that no class is
+            below ``floor``: ``floor + (1 - K * floor) * p`` (``constants.PRIOR_FLOOR``).
 
     Returns:
         Float64 probabilities shaped like ``counts``; a row without counts is uniform
@@ -379,7 +407,13 @@ def class_prior(counts: np.ndarray, *, reweight: bool, pseudo_count: float = 0.0
     p = np.where(p.sum(axis=-1, keepdims=True) > 0, p, 1.0)
     if reweight:
         p = p * np.asarray(CLASS_WEIGHTS)
-    return p / p.sum(axis=-1, keepdims=True)
+    p = p / p.sum(axis=-1, keepdims=True)
+    if floor > 0:
+        k = p.shape[-1]
+        if floor * k >= 1:
+            raise ValueError(f"floor {floor} leaves nothing for {k} classes")
+        p = floor + (1.0 - k * floor) * p
+    return p
 
 
 def prior_submission(train: pd.DataFrame, study_ids: Iterable[int | str] | None = None, *,

@@ -2,7 +2,8 @@
 
 One frozen dataclass per section. A YAML file may name a parent with ``base: other.yaml``
 (resolved relative to the file); its keys then override the parent's. Unknown keys and
-values of the wrong type raise :class:`ConfigError` naming the key and what was expected.
+values of the wrong type raise :class:`ConfigError` naming the key and what was expected;
+so do numbers out of range and values that contradict each other (``config_checks``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import yaml
 
 from spinegrade import choices
+from spinegrade.config_checks import config_problems
 from spinegrade.constants import (
     AXIAL_T2,
     CLASS_WEIGHTS,
@@ -415,7 +417,11 @@ def config_from_dict(tree: dict, overrides: list[str] | tuple[str, ...] = ()) ->
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{text}': '{k}' is not a section")
         node[keys[-1]] = value
-    return _build(Config, tree, "")
+    cfg = _build(Config, tree, "")
+    problems = config_problems(cfg)
+    if problems:
+        raise ConfigError("invalid config value(s):\n  " + "\n  ".join(problems))
+    return cfg
 
 
 def load_config(

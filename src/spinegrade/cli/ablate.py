@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from spinegrade.errors import UserError
+from spinegrade.io.paths import check_output_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,6 +53,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("nothing to compare: give --configs and/or --one-factor")
     if not args.cache.exists():
         raise UserError(f"cache not found: {args.cache} (make one with 'spinegrade prepare')")
+    check_output_dir(args.out)
     start = time.perf_counter()
     runs = ablate.plan_runs(args.configs, _parse_folds(args.folds), args.out,
                             preset=args.preset, overrides=args.overrides,

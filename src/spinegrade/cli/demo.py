@@ -17,6 +17,7 @@ from typing import Any
 from spinegrade.cli import add_config_args
 from spinegrade.config import load_config
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.io.paths import check_output_dir
 
 STAGES = ("synth", "prepare", "train", "evaluate", "report")
 
@@ -40,7 +41,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "10-minute CPU run sees enough of them; 'real' keeps the real balance)")
     p.add_argument("--max-matrix", type=int, default=256,
                    help="cap on synthetic image rows/columns, for speed (default 256)")
-    add_config_args(p, default="demo")
+    add_config_args(p, default="demo", example="train.seed=1")
     p.set_defaults(func=run)
 
 
@@ -73,7 +74,7 @@ def _stage(out: Path, name: str, fn: Callable[[], dict[str, Any]]) -> dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.overrides)
-    out = Path(args.out)
+    out = check_output_dir(args.out)
     out.mkdir(parents=True, exist_ok=True)
     data, cache_root, run_dir = out / "data", out / "cache", out / "run"
     times: dict[str, float] = {}
@@ -97,9 +98,13 @@ def run(args: argparse.Namespace) -> int:
         return {"cache": str(prepare_cache(data, cache_root, settings, workers=args.workers))}
 
     def train() -> dict[str, Any]:
+        from spinegrade.engine.run_folder import RunFolder
         from spinegrade.engine.train import fit
 
-        return fit(cfg, cache_dir, run_dir, resume=True)
+        final = RunFolder(run_dir).final
+        if final.is_file():  # finished before its stage marker was written: keep it
+            return json.loads(final.read_text())
+        return fit(cfg, cache_dir, run_dir)
 
     def evaluate() -> dict[str, Any]:
         from spinegrade.engine.evaluate import evaluate_run

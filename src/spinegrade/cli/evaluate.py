@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
-from spinegrade.engine.run_folder import CHECKPOINT_NAMES
+from spinegrade.engine.run_folder import CHECKPOINT_NAMES, RunFolder
+from spinegrade.io.paths import check_output_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -32,6 +34,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the engine loads torch, which `spinegrade --help` need not.
     from spinegrade.engine.evaluate import evaluate_run
 
+    check_output_dir(Path(args.out) if args.out else RunFolder(args.run).eval_dir)
     m = evaluate_run(args.run, cache=args.cache, checkpoint=args.checkpoint, tta=args.tta,
                      out_dir=args.out)
     recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"

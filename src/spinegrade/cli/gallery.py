@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from spinegrade.errors import UserError
+from spinegrade.io.paths import check_output_file
 
 EXAMPLES = """\
 examples:
@@ -40,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
 
     if args.per_class < 1:
         raise UserError("--per-class must be at least 1")
+    check_output_file(args.out)
     cache = CropCache.open(args.cache)
     out = make_gallery(cache.crops, cache.index, args.out, per_class=args.per_class,
                        names=channel_names(cache.data_cfg), seed=args.seed,

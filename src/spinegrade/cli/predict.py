@@ -9,6 +9,7 @@ from spinegrade.cli import add_config_args
 from spinegrade.config import config_to_yaml, load_config
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.io.paths import check_output_file
 
 EXAMPLES = """\
 examples:
@@ -31,12 +32,14 @@ def register(sub: argparse._SubParsersAction) -> None:
             "to 1). Runs of the same condition are averaged in probability space, weighted by\n"
             "RUN:WEIGHT. Conditions without a classifier and levels that cannot be located get\n"
             "prior probabilities (from the run's training labels, else the real class balance),\n"
-            "with a warning. Beside the submission: problems.csv, locations.csv, studies.csv\n"
-            "(per-study seconds) and <stem>_figures/<study>.png."
+            "with a warning. Beside the submission, named after it: <stem>_problems.csv,\n"
+            "<stem>_locations.csv, <stem>_studies.csv (per-study seconds), <stem>_config.yaml\n"
+            "and <stem>_figures/<study>.png. --study on a folder without a readable series is\n"
+            "an error."
         ),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    add_config_args(p)
+    add_config_args(p, example="predict.batch_size=8")
     p.add_argument("data_dir", nargs="?", metavar="DATA_DIR",
                    help="dataset folder with test_series_descriptions.csv and test_images/")
     p.add_argument("--study", metavar="DIR",
@@ -62,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("give either DATA_DIR or --study DIR (not both)")
     cfg = load_config(args.config, args.overrides)
     out = args.out or default_submission(args.study)
+    check_output_file(out)
     result = predict(args.classifier, args.localizer, out, cfg.predict, data_dir=args.data_dir,
                      study_dir=args.study, split=args.split, progress=not args.no_progress)
     atomic_write_text(config_copy(Path(out)), config_to_yaml(cfg))

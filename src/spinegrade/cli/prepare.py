@@ -37,7 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: the config's data.num_workers, at least 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
-    add_config_args(p)
+    add_config_args(p, example="data.img_size=128")
     p.set_defaults(func=run)
 
 
@@ -47,11 +47,13 @@ def run(args: argparse.Namespace) -> int:
     from spinegrade.config import load_config, save_config
     from spinegrade.data.cache import summarize
     from spinegrade.data.prepare import prepare
+    from spinegrade.io.paths import check_output_dir
 
     overrides = list(args.overrides)
     if args.condition:
         overrides.append(f"data.condition={args.condition}")
     cfg = load_config(args.config, overrides)
+    check_output_dir(args.out)
     workers = args.workers if args.workers is not None else max(1, cfg.data.num_workers)
     cache_dir = prepare(args.data_dir, args.out, dataclasses.asdict(cfg.data),
                         workers=max(1, workers), progress=not args.no_progress)

@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pandas as pd
 
-from spinegrade.competition import SCORE_PARTS, competition_score, solution_from_train
+from spinegrade.competition import (
+    SCORE_PARTS,
+    check_normalised,
+    competition_score,
+    solution_from_train,
+)
 from spinegrade.constants import ANY_SEVERE_SPINAL
 from spinegrade.errors import UserError
 
@@ -28,7 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "moderate, severe): the mean of the sample-weighted (1/2/4) log losses of the\n"
             "spinal, foraminal and subarticular groups and of the per-study any-severe-spinal\n"
             "term. Prints each part with its row count, then 'score: VALUE'. Lower is better.\n"
-            "Submission rows not in the solution are ignored (e.g. the empty train cells)."
+            "Submission rows not in the solution are ignored (e.g. the empty train cells).\n"
+            "Rows need not sum to one (they are renormalised, as in the competition), but an\n"
+            "all-zero row or a value above 1 is refused unless --allow-unnormalised."
         ),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -50,6 +57,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--json", action="store_true",
         help="print one JSON object (each part, 'score', 'n_scored', 'n_ignored_rows') "
              "instead of the table",
+    )
+    p.add_argument(
+        "--allow-unnormalised", action="store_true",
+        help="score all-zero rows and values above 1 too (the competition renormalised "
+             "every row after clipping)",
     )
     p.set_defaults(func=run)
 
@@ -75,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         solution = read_csv(args.solution, "solution", dtype={"row_id": str})
     submission = read_csv(args.submission, "submission", dtype={"row_id": str})
     try:
+        if not args.allow_unnormalised:
+            check_normalised(submission)
         result = competition_score(solution, submission)
     except UserError as e:
         raise UserError(f"{args.submission}: {e}") from e

@@ -8,6 +8,7 @@ from pathlib import Path
 from spinegrade.constants import CONDITIONS, SEVERITIES
 from spinegrade.data.synthetic import SynthOptions, generate
 from spinegrade.errors import UserError
+from spinegrade.io.paths import check_output_dir, check_output_file
 
 DESCRIPTION = """\
 Write a synthetic dataset with the files and columns of the RSNA 2024 Lumbar Spine
@@ -84,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
     preview = None
     if args.preview is not None:
         preview = Path(args.preview) if args.preview else args.out / "preview.png"
+    check_output_dir(args.out, "OUT")
+    if preview is not None:
+        check_output_file(preview, "--preview")
     summary = generate(
         args.out, args.studies, args.seed, n_test=args.test_studies,
         class_balance=parse_balance(args.balance), progress=not args.no_progress,

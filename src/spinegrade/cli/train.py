@@ -6,6 +6,7 @@ import argparse
 
 from spinegrade.cli import add_config_args
 from spinegrade.config import load_config
+from spinegrade.io.paths import check_output_dir
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,8 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--fold", type=int, default=None,
                    help="validation fold, 0-based (default: data.fold of the config)")
     p.add_argument("--resume", action="store_true",
-                   help="continue from OUT/checkpoints/last.pt (after an interruption)")
-    p.set_defaults(func=run)
+                   help="continue the run in OUT from its checkpoints/last.pt (the same command "
+                        "without it also resumes an unfinished run of the same config and cache)")
+    p.add_argument("--restart", action="store_true",
+                   help="replace the run in OUT: remove all of its outputs, then train from "
+                        "epoch 1 (a finished run, or one of another config, is otherwise refused)")
+    p.set_defaults(func=run, resume_flag="--resume", restart_flag="--restart")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -37,5 +42,6 @@ def run(args: argparse.Namespace) -> int:
     if args.fold is not None:
         overrides.append(f"data.fold={args.fold}")
     cfg = load_config(args.config, overrides)
-    fit(cfg, args.cache, args.out, resume=args.resume)
+    check_output_dir(args.out)
+    fit(cfg, args.cache, args.out, resume=args.resume, restart=args.restart)
     return 0

@@ -21,20 +21,22 @@ def register(sub: argparse._SubParsersAction) -> None:
             "overlay.png} into --out. Run it again to resume an interrupted run."
         ),
     )
-    add_config_args(p, default="localizer")
+    add_config_args(p, default="localizer", example="localizer.epochs=10")
     p.add_argument("--data", required=True, help="RSNA-format training data folder")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--restart", action="store_true",
                    help="ignore checkpoints already in --out and train from scratch")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.set_defaults(func=run)
+    p.set_defaults(func=run, restart_flag="--restart")
 
 
 def run(args: argparse.Namespace) -> int:
     from spinegrade.config import load_config
     from spinegrade.engine.localizer import train_localizer
+    from spinegrade.io.paths import check_output_dir
 
     cfg = load_config(args.config, args.overrides)
+    check_output_dir(args.out)
     table = train_localizer(cfg, args.data, args.out, resume=not args.restart,
                             progress=not args.no_progress)
     if table.empty:

@@ -31,8 +31,15 @@ import pandas as pd
 import pydicom
 
 from spinegrade import __version__
-from spinegrade.constants import CLASS_NAMES, LEVELS
+from spinegrade.constants import (
+    CLASS_NAMES,
+    COORDINATES_CSV,
+    LEVELS,
+    TRAIN_CSV,
+    series_descriptions_csv,
+)
 from spinegrade.data.preprocess import PREPROCESS_VERSION
+from spinegrade.data.rsna import LABELLED_SPLIT
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.problems import PROBLEMS_FILE, read_problems
@@ -61,10 +68,58 @@ def pixel_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     return json.loads(json.dumps(out))  # tuples -> lists, so dicts from JSON compare equal
 
 
-def cache_key(settings: Mapping[str, Any]) -> str:
-    """``<condition>-<hash8>``: the folder name of the cache for these settings."""
-    blob = json.dumps(pixel_config(settings), sort_keys=True).encode()
+def cache_key(settings: Mapping[str, Any], dataset: str = "") -> str:
+    """``<condition>-<hash8>``: the folder name of the cache for these settings.
+
+    Args:
+        settings: the data settings.
+        dataset: the dataset fingerprint (``data.cache.dataset_fingerprint``); a different
+            dataset prepared into the same root gets its own folder, never replacing the
+            cache that earlier runs were trained on.
+    """
+    key: dict[str, Any] = {"pixels": pixel_config(settings)} if dataset else pixel_config(settings)
+    if dataset:
+        key["dataset"] = dataset
+    blob = json.dumps(key, sort_keys=True).encode()
     return f"{settings['condition']}-{hashlib.sha256(blob).hexdigest()[:8]}"
+
+
+def dataset_fingerprint(data_dir: str | Path) -> dict[str, Any]:
+    """Which dataset a cache was made from: its folder and a hash of each label CSV.
+
+    Returns:
+        ``data_dir`` (absolute), ``csv_sha256`` (file name -> sha256 of its bytes, or None
+        when absent) and ``fingerprint`` (16 hex digits over the hashes: the folder may move,
+        the labels may not change).
+    """
+    data_dir = Path(data_dir)
+    hashes = {}
+    for name in (TRAIN_CSV, COORDINATES_CSV, series_descriptions_csv(LABELLED_SPLIT)):
+        path = data_dir / name
+        hashes[name] = hashlib.sha256(path.read_bytes()).hexdigest() if path.is_file() else None
+    blob = json.dumps(hashes, sort_keys=True).encode()
+    return {"data_dir": str(data_dir.resolve()), "csv_sha256": hashes,
+            "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
+
+
+def is_current_cache(cache_dir: Path, fingerprint: str) -> bool:
+    """Whether ``cache_dir`` holds a complete cache of the index with this ``fingerprint``.
+
+    Raises:
+        UserError: it holds a complete cache of other samples: never rebuilt in place, as
+            runs trained on it would silently change.
+    """
+    meta_path = cache_dir / META_FILE
+    if not (meta_path.is_file() and (cache_dir / CROPS_FILE).is_file()):
+        return False
+    meta = json.loads(meta_path.read_text())
+    if meta.get("index_fingerprint") == fingerprint:
+        return True
+    raise UserError(
+        f"{cache_dir} is a complete cache of {meta.get('data_dir', 'another dataset')} built "
+        f"from other samples (index fingerprint {meta.get('index_fingerprint')} != "
+        f"{fingerprint}: series folders added or removed?). Runs trained on it would no "
+        "longer match it. Prepare into another --out, or delete the folder to rebuild it.")
 
 
 def check_cache_matches(settings: Mapping[str, Any], cached: dict) -> None:
@@ -150,6 +205,15 @@ class CropCache:
         meta = cache_meta(data_cfg_dict, index_df, crops.shape, extra_meta or {})
         atomic_write_text(path / META_FILE, json.dumps(meta, indent=2, sort_keys=True))
         return cls.open(path)
+
+    @property
+    def fingerprint(self) -> str:
+        """What a run trained on this cache records (``run.json``) to notice a changed cache:
+        a hash of index.csv (samples, labels, rows), the pixel settings and the crops' shape."""
+        h = hashlib.sha256((self.path / INDEX_FILE).read_bytes())
+        h.update(json.dumps([pixel_config(self.data_cfg), list(self.crops.shape)],
+                            sort_keys=True).encode())
+        return h.hexdigest()[:16]
 
     def __len__(self) -> int:
         return len(self.index)

@@ -44,6 +44,8 @@ from spinegrade.data.cache import (
     META_FILE,
     cache_key,
     cache_meta,
+    dataset_fingerprint,
+    is_current_cache,
     write_index,
 )
 from spinegrade.data.preprocess import CropRequest, VolumeCropper, build_cropper
@@ -460,23 +462,23 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
         progress: show a tqdm bar.
 
     Returns:
-        The cache folder (open it with :meth:`CropCache.open`).
+        The cache folder (open it with :meth:`CropCache.open`). Its name covers the pixel
+        settings and the dataset's label CSVs (:func:`dataset_fingerprint`): another dataset
+        into the same ``out_dir`` makes another folder.
 
     Raises:
-        UserError: the data folder lacks the CSVs, or no sample could be prepared.
+        UserError: the data folder lacks the CSVs, no sample could be prepared, or a
+            complete cache of the same CSVs holds other samples (it is not replaced).
     """
     data_dir = Path(data_dir)
     condition = settings["condition"]
-    cache_dir = Path(out_dir) / cache_key(settings)
     index, problems = build_index(data_dir, condition)
+    dataset = dataset_fingerprint(data_dir)
+    cache_dir = Path(out_dir) / cache_key(settings, dataset["fingerprint"])
     fingerprint = _index_fingerprint(index)
-    meta_path = cache_dir / META_FILE
-    if meta_path.is_file() and (cache_dir / CROPS_FILE).is_file():
-        meta = json.loads(meta_path.read_text())
-        if meta.get("index_fingerprint") == fingerprint:
-            log.info("cache %s is complete and up to date; nothing to do", cache_dir)
-            return cache_dir
-        meta_path.unlink()  # same settings, different labels: rebuild (shards re-checked)
+    if is_current_cache(cache_dir, fingerprint):
+        log.info("cache %s is complete and up to date; nothing to do", cache_dir)
+        return cache_dir
     if index.empty:
         raise UserError(f"{data_dir}: no usable {condition} label; see the problems "
                         "above (empty labels, missing series, ...)")
@@ -488,7 +490,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     _run_tasks(tasks, settings, workers, progress)
     _consolidate(cache_dir, index, tasks, problems, settings,
                  {"cache_key": cache_dir.name, "index_fingerprint": fingerprint,
-                  "data_dir": str(data_dir.resolve()), "series": len(tasks)})
+                  "data_dir": str(data_dir.resolve()), "dataset": dataset,
+                  "series": len(tasks)})
     shutil.rmtree(shards_dir, ignore_errors=True)
     for leftover in cache_dir.glob(".*"):  # atomic_path temporaries of a killed writer
         if leftover.is_file():

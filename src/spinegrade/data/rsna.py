@@ -26,6 +26,7 @@ from spinegrade.constants import (
     LEVELS,
     SERIES_COLUMNS,
     SERIES_DESCRIPTIONS,
+    SEVERITIES,
     SEVERITY_TO_INDEX,
     TITLE_TO_CONDITION,
     TRAIN_CSV,
@@ -99,6 +100,7 @@ def train_labels(train: pd.DataFrame, problems: list[Problem],
         ``label`` (severity index) and ``row`` (1-based data row), in file order.
     """
     out = []
+    rows_of: dict[int, list[int]] = {}
     for row, rec in _records(train):
         study = _as_int(rec["study_id"])
         if study is None:
@@ -108,13 +110,55 @@ def train_labels(train: pd.DataFrame, problems: list[Problem],
                                             message=f"study_id {rec['study_id']!r} is not an "
                                                     "integer"))
             continue
+        rows_of.setdefault(study, []).append(row)
         for condition in conditions:
             for li, level in enumerate(LEVELS):
                 label = _severity(rec[train_column(condition, level)], condition, level,
                                   problems, dict(study_id=study, file=file, row=row))
                 if label is not None:
                     out.append((study, condition, level, li, label, row))
-    return pd.DataFrame(out, columns=list(LABEL_COLUMNS))
+    frame = pd.DataFrame(out, columns=list(LABEL_COLUMNS))
+    repeated = {st: rows for st, rows in rows_of.items() if len(rows) > 1}
+    return _resolve_duplicate_studies(frame, repeated, problems, conditions, file)
+
+
+def _resolve_duplicate_studies(frame: pd.DataFrame, repeated: dict[int, list[int]],
+                               problems: list[Problem], conditions: Sequence[str], file: str
+                               ) -> pd.DataFrame:
+    """Keep a cell of a study listed on several rows once if every row agrees, else drop it.
+
+    Never resolved by order: a cell the rows disagree on (another grade, or empty on one
+    of them) is left out of training, with a Problem naming both rows.
+    """
+    if not repeated:
+        return frame
+    drop: list[int] = []
+    for study, rows in sorted(repeated.items()):
+        for row in rows[1:]:
+            problems.append(Problem.warning(
+                kind="duplicate_study", study_id=study, file=file, row=row,
+                message=f"study {study} is on rows {rows[0]} and {row}; cells they agree on "
+                        "are used once, cells they disagree on are left out"))
+        mine = frame[frame["study_id"] == study]
+        for condition in conditions:
+            for li, level in enumerate(LEVELS):
+                cell = mine[(mine["condition"] == condition) & (mine["level_idx"] == li)]
+                by_row = dict(zip(cell["row"], cell["label"], strict=True))
+                values = [by_row.get(r) for r in rows]
+                if len(set(values)) == 1:
+                    drop += list(cell.index[1:])
+                    continue
+                drop += list(cell.index)
+                said = ", ".join(f"row {r}: {_grade(v)}" for r, v in zip(rows, values, strict=True))
+                problems.append(Problem.skipped(
+                    kind="conflicting_duplicate", study_id=study, file=file, row=rows[1],
+                    message=f"{condition} {level} differs between the rows of study {study} "
+                            f"({said}); left out of training (fix {file})"))
+    return frame.drop(index=drop).reset_index(drop=True)
+
+
+def _grade(label: int | None) -> str:
+    return "empty" if label is None else SEVERITIES[label]
 
 
 def _severity(value: object, condition: str, level: str, problems: list[Problem],
@@ -233,14 +277,11 @@ def _join(data_dir: Path, condition: str, points: pd.DataFrame, labels: dict[tup
     """Match points with labels and series; unmatched labels/points are Problems."""
     expected = CONDITION_SERIES[condition]
     out, seen = [], set()
+    points, left_out = _resolve_duplicate_points(points, condition, problems)
+    seen.update(left_out)  # their labels are not reported again as lacking a point
     for c in points.to_dict("records"):
         study, series, li = c["study_id"], c["series_id"], c["level_idx"]
         where = dict(study_id=study, series_id=series, file=COORDINATES_CSV, row=c["row"])
-        if (study, li) in seen:
-            problems.append(Problem.skipped(kind="duplicate_coordinate", **where,
-                                            message=f"a second point for {LEVELS[li]}; the "
-                                                    "first is used"))
-            continue
         seen.add((study, li))
         desc = _usable_series(data_dir, c, labels, descriptions, where, problems)
         if desc is None:
@@ -257,6 +298,45 @@ def _join(data_dir: Path, condition: str, points: pd.DataFrame, labels: dict[tup
                                         message=f"label for {LEVELS[li]} has no point in "
                                                 f"{COORDINATES_CSV}"))
     return out
+
+
+def _resolve_duplicate_points(points: pd.DataFrame, condition: str, problems: list[Problem]
+                              ) -> tuple[pd.DataFrame, list[tuple[int, int]]]:
+    """One point per (study, level): identical repeats kept once, disagreeing ones dropped.
+
+    Rows that disagree (another series, instance or x/y) are never resolved by order: the
+    level is left out, with a Problem naming both rows.
+
+    Returns:
+        The points kept, and the (study, level_idx) cells left out.
+    """
+    key = ["study_id", "level_idx"]
+    dup = points.duplicated(key, keep=False)
+    if not dup.any():
+        return points, []
+    drop, left_out = [], []
+    for (study, li), group in points[dup].groupby(key, sort=True):
+        first = group.iloc[0]
+        same = (group[["series_id", "instance_number", "x", "y"]]
+                == first[["series_id", "instance_number", "x", "y"]]).all(axis=None)
+        rows = " and ".join(str(r) for r in group["row"])
+        for _, g in group.iloc[1:].iterrows():
+            where = dict(study_id=int(study), series_id=int(g["series_id"]),
+                         file=COORDINATES_CSV, row=int(g["row"]))
+            if same:
+                problems.append(Problem.warning(
+                    kind="duplicate_coordinate", **where,
+                    message=f"rows {rows} repeat the same {condition} {LEVELS[li]} point; "
+                            "used once"))
+            else:
+                problems.append(Problem.skipped(
+                    kind="duplicate_coordinate", **where,
+                    message=f"rows {rows} give different {condition} {LEVELS[li]} points; "
+                            "the level is left out (fix the CSV)"))
+        drop += list(group.index[1:] if same else group.index)
+        if not same:
+            left_out.append((int(study), int(li)))
+    return points.drop(index=drop), left_out
 
 
 def _usable_series(data_dir: Path, point: dict, labels: dict[tuple[int, int], int],

@@ -95,7 +95,10 @@ def plan_runs(
 
 
 def run_is_finished(run_dir: Path, epochs: int) -> bool:
-    """True when the run's metrics.csv holds every epoch (so training need not run again)."""
+    """True when the run wrote final.json (it may have stopped early), or its metrics.csv
+    holds every epoch: training need not run again."""
+    if RunFolder(run_dir).final.is_file():
+        return True
     path = RunFolder(run_dir).metrics
     if not path.is_file():
         return False

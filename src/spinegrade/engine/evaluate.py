@@ -16,6 +16,7 @@ from spinegrade.data.dataset import CropDataset
 from spinegrade.engine import run_folder as rf
 from spinegrade.engine.distributed import shard
 from spinegrade.engine.loop import Settings, _loader, make_run_model, seed_everything
+from spinegrade.engine.rerun import check_cache_unchanged
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.split import load_split, rows_for_fold
 from spinegrade.engine.train import evaluate
@@ -52,6 +53,7 @@ def _rows_to_score(run: RunFolder, cache_arg: str | Path | None, fold: int
     path = resolve_cache_dir(cache_arg)
     cache = CropCache.open(path)
     if run_cache and path.resolve() == Path(run_cache).resolve():
+        check_cache_unchanged(run, cache)
         _, val_rows = rows_for_fold(cache.index, load_split(run.root), fold)
         return cache, val_rows, f"validation fold {fold}"
     return cache, cache.index["row"].to_numpy(), f"all of {path}"

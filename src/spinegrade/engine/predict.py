@@ -35,6 +35,8 @@ from spinegrade.constants import (
     CONDITIONS,
     LEVELS,
     NUM_CLASSES,
+    PRIOR_FLOOR,
+    PRIOR_PSEUDO_COUNT,
     SEVERITIES,
     SUBMISSION_COLUMNS,
     row_id,
@@ -68,7 +70,8 @@ from spinegrade.report.predict import plot_study
 
 _log = logging.getLogger(__name__)
 
-# What `predict` writes beside its submission CSV (with problems.csv).
+# What `predict` writes beside its submission CSV, each named after it (side_file): two
+# predictions in one folder (e.g. --study runs) never overwrite each other's files.
 SUBMISSION_FILE = "submission.csv"
 LOCATIONS_FILE = "locations.csv"
 STUDIES_FILE = "studies.csv"
@@ -77,15 +80,19 @@ STUDIES_FILE = "studies.csv"
 # --- priors --------------------------------------------------------------------------------------
 
 
-def prior_probs(counts: np.ndarray, reweight: bool) -> np.ndarray:
-    """:func:`~spinegrade.competition.class_prior` of counts (..., 3), with a tiny pseudo
-    count so that a class never seen in training keeps a non-zero probability."""
-    return class_prior(counts, reweight=reweight, pseudo_count=1e-9)
+def prior_probs(counts: np.ndarray, reweight: bool, pseudo_count: float = PRIOR_PSEUDO_COUNT
+                ) -> np.ndarray:
+    """The fallback prior: :func:`~spinegrade.competition.class_prior` of counts (..., 3)
+    add-one smoothed, reweighted and floored at ``PRIOR_FLOOR`` (see ``constants``)."""
+    return class_prior(counts, reweight=reweight, pseudo_count=pseudo_count, floor=PRIOR_FLOOR)
 
 
 def default_prior(condition: str, reweight: bool) -> np.ndarray:
-    """(5, 3) prior of a condition from ``CLASS_BALANCE`` (the same at every level)."""
-    return np.tile(prior_probs(np.asarray(CLASS_BALANCE[condition]), reweight), (len(LEVELS), 1))
+    """(5, 3) prior of a condition from ``CLASS_BALANCE`` (the same at every level).
+
+    The balance is a frequency, not a count: no pseudo count, only the floor."""
+    prior = prior_probs(np.asarray(CLASS_BALANCE[condition]), reweight, pseudo_count=0.0)
+    return np.tile(prior, (len(LEVELS), 1))
 
 
 def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bool
@@ -360,8 +367,9 @@ def predict(
         classifier_specs: ``RUN`` or ``RUN:weight`` per classifier run (any conditions;
             runs of the same condition are averaged).
         localizer_dir: a ``train-localizer`` run folder.
-        out_path: submission CSV, written atomically. Beside it: ``problems.csv``,
-            ``locations.csv`` (every located level), ``studies.csv`` (per-study timing) and,
+        out_path: submission CSV, written atomically. Beside it, named after it
+            (:func:`side_file`): ``<stem>_problems.csv``, ``<stem>_locations.csv`` (every
+            located level), ``<stem>_studies.csv`` (per-study timing) and,
             with ``predict.figures``, ``<stem>_figures/<study>.png``.
         pcfg: the ``predict`` config section.
         data_dir: dataset folder with ``{split}_series_descriptions.csv`` + ``{split}_images``.
@@ -374,8 +382,8 @@ def predict(
     device = resolve_device(pcfg.device, "predict.device")
     problems: list[Problem] = []
     if study_dir is not None:
-        st, probs = study_from_folder(Path(study_dir))
-        studies, problems = [st], probs
+        st, problems = _readable_study(Path(study_dir))
+        studies = [st]
     else:
         studies = studies_from_dataset(Path(data_dir), split)
     localizer = LocalizerRun.load(localizer_dir, pcfg.device)
@@ -403,6 +411,16 @@ def predict(
     return PredictOutput(submission, results, problems, files)
 
 
+def _readable_study(study_dir: Path) -> tuple[StudyInput, list[Problem]]:
+    """``--study``: the folder's series; a folder without one readable series is an error."""
+    st, problems = study_from_folder(study_dir)
+    if not st.series:
+        reasons = "; ".join(f"{p.file}: {p.message}" for p in problems[:3]) or "no sub-folders"
+        raise UserError(f"--study {study_dir}: no readable DICOM series ({reasons}); give "
+                        "a study folder holding one folder of .dcm files per series")
+    return st, problems
+
+
 def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
     try:
         plot_study(res, path)
@@ -413,8 +431,8 @@ def _figure(res: StudyResult, path: Path, problems: list[Problem]) -> None:
 
 def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResult],
                    problems: list[Problem]) -> dict[str, Path]:
-    files = {"submission": out, "problems": out.parent / PROBLEMS_FILE,
-             "locations": out.parent / LOCATIONS_FILE, "studies": out.parent / STUDIES_FILE}
+    files = {"submission": out, "problems": side_file(out, PROBLEMS_FILE),
+             "locations": side_file(out, LOCATIONS_FILE), "studies": side_file(out, STUDIES_FILE)}
     with atomic_path(out, suffix=".csv") as tmp:
         submission.to_csv(tmp, index=False, float_format="%.6f")
     write_problems(files["problems"], problems)
@@ -434,6 +452,11 @@ def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResul
 def default_submission(study_dir: str | None) -> str:
     """The submission CSV when --out is not given: ``<study>_submission.csv`` for one study."""
     return f"{Path(study_dir).name}_{SUBMISSION_FILE}" if study_dir else SUBMISSION_FILE
+
+
+def side_file(out: Path, name: str) -> Path:
+    """``<stem>_<name>`` beside the submission ``out`` (e.g. ``submission_problems.csv``)."""
+    return out.with_name(f"{out.stem}_{name}")
 
 
 def figures_dir(out: Path) -> Path:

@@ -184,8 +184,10 @@ def nan_to_none(row: dict[str, Any]) -> dict[str, Any]:
 
 def run_info(cache: Any, fold: int, world_size: int, device: str, n_train: int, n_val: int,
              torch_version: str) -> dict[str, Any]:
-    """What ``run.json`` records: the cache (absolute path), fold, processes, sample counts."""
+    """What ``run.json`` records: the cache (absolute path and fingerprint, to notice a cache
+    that changed under the run), fold, processes, sample counts."""
     return {"cache": str(Path(cache.path).resolve()) if hasattr(cache, "path") else None,
+            "cache_fingerprint": getattr(cache, "fingerprint", None),
             "fold": fold, "world_size": world_size, "device": device,
             "n_train": n_train, "n_val": n_val, "torch": torch_version}
 

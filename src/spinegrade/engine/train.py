@@ -28,12 +28,13 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 
-from spinegrade.config import Config, config_to_dict, save_config
+from spinegrade.config import Config
 from spinegrade.constants import CLASS_NAMES, NUM_CLASSES
 from spinegrade.data.augment import BatchAugment, mixup, to_model_input
 from spinegrade.data.cache import CropCache
 from spinegrade.engine import checkpoint as ckpt_io
 from spinegrade.engine import distributed as dist_util
+from spinegrade.engine import rerun
 from spinegrade.engine import run_folder as rf
 from spinegrade.engine.loop import (
     Settings,
@@ -46,7 +47,7 @@ from spinegrade.engine.loop import (
 from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer
-from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
+from spinegrade.engine.split import load_split, make_folds, rows_for_fold
 from spinegrade.engine.tta import predict_views
 from spinegrade.errors import UserError
 from spinegrade.metrics import summarize
@@ -174,8 +175,8 @@ class Trainer:
 
 
 def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
-        resume: bool = False, on_epoch_end: Callable[[int, nn.Module], None] | None = None
-        ) -> dict[str, Any]:
+        resume: bool = False, on_epoch_end: Callable[[int, nn.Module], None] | None = None,
+        restart: bool = False) -> dict[str, Any]:
     """Train one fold of ``cache`` as ``cfg`` says, writing the run folder ``out_dir``.
 
     Args:
@@ -183,8 +184,11 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
         cache: a crop cache folder (or an opened ``CropCache``).
         out_dir: run folder; created if missing.
         fold: validation fold (default ``cfg.data.fold``).
-        resume: continue from ``checkpoints/last.pt`` when present (else start afresh).
+        resume: insist on continuing the run in ``out_dir`` (from ``checkpoints/last.pt``;
+            from epoch 1 when it has none). Without it, an unfinished run of the same config
+            and cache is resumed too, and any other run refused (``engine.rerun``).
         on_epoch_end: optional callback ``(epoch, bare_model)`` after each epoch (tests).
+        restart: replace the run in ``out_dir``: all its outputs are removed first.
 
     Returns:
         The summary written to ``final.json`` (best epoch and metric, SWA metrics, ...).
@@ -193,7 +197,7 @@ def fit(cfg: Config, cache: Any, out_dir: str | Path, fold: int | None = None,
     run = RunFolder(out_dir)
     if resume:
         _check_resume_fold(run, fold)
-    t = _setup(cfg, cache, run, fold, resume)
+    t = _setup(cfg, cache, run, fold, resume, restart)
     t.on_epoch_end = on_epoch_end
     try:
         for epoch in range(t.state.epoch + 1, cfg.train.epochs + 1):
@@ -232,20 +236,21 @@ def _improves(value: float | None, state: RunState, metric: str) -> bool:
     return value > state.best_metric if SELECT_METRICS[metric] else value < state.best_metric
 
 
-def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool) -> Trainer:
-    """Process group, data, model, optimizer, schedule, SWA, and the resumed state."""
+def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool,
+           restart: bool = False) -> Trainer:
+    """Process group, data, model, optimizer, schedule, SWA, and the resumed state.
+
+    Nothing is written into the run folder before everything is built: a run that fails
+    here (bad cache, too few samples) leaves the folder as it was.
+    """
     s = Settings.from_config(cfg, fold)
     if not s.is_main:  # one voice: the other processes only report errors
         logging.getLogger("spinegrade").setLevel(logging.ERROR)
     seed_everything(cfg.train.seed, s.deterministic)
     cache = CropCache.open(cache) if isinstance(cache, str | Path) else cache
-    split = _load_or_make_split(cfg, cache, run, resume, s)
+    resume = rerun.decide(run, cfg, cache, resume=resume, restart=restart)
+    split = _load_or_make_split(cfg, cache, run, resume)
     train_rows, val_rows = rows_for_fold(cache.index, split, fold)
-    if s.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run.root)
-        rf.write_json(run.run_info, rf.run_info(cache, fold, s.world_size, str(s.device),
-                                                len(train_rows), len(val_rows), torch.__version__))
     loaders = build_loaders(cfg, cache, train_rows, val_rows, s)
     counts = np.bincount(cache.index.set_index("row").loc[train_rows, "label"], minlength=NUM_CLASSES)
     model, loss_fn = make_run_model(cfg, cache, s, class_counts=counts.tolist())
@@ -256,6 +261,11 @@ def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool) -> 
                 monitor=DeadClassMonitor(cfg.train.dead_class_patience, cfg.train.dead_class_action),
                 augment=_make_augment(cfg) if cfg.train.augment else None,
                 aug_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + s.rank))
+    if s.is_main:
+        rerun.start_outputs(run, cfg, split, restart, rf.run_info(
+            cache, fold, s.world_size, str(s.device), len(train_rows), len(val_rows),
+            torch.__version__))
+    dist_util.barrier()
     last = run.checkpoint("last")
     if resume and last.is_file():
         _restore(t, rf.read_checkpoint(last, map_location=s.device))
@@ -273,17 +283,12 @@ def _make_augment(cfg: Config) -> BatchAugment:
                         slice_jitter=tc.slice_jitter)
 
 
-def _load_or_make_split(cfg: Config, cache: Any, run: RunFolder, resume: bool, s: Settings
-                        ) -> pd.DataFrame:
-    """The run's saved split when resuming, else a fresh one (saved by the main process)."""
+def _load_or_make_split(cfg: Config, cache: Any, run: RunFolder, resume: bool) -> pd.DataFrame:
+    """The run's saved split when resuming, else a fresh one (saved by rerun.start_outputs)."""
     if run.split.is_file() and resume:
         return load_split(run.root)
-    # Every process computes the same split from the same seed; only the main one saves it.
-    split = make_folds(cache.index, cfg.data.folds, cfg.train.seed)
-    if s.is_main:
-        run.root.mkdir(parents=True, exist_ok=True)
-        save_split(split, run.root)
-    return split
+    # Every process computes the same split from the same seed.
+    return make_folds(cache.index, cfg.data.folds, cfg.train.seed)
 
 
 def _run_epoch(t: Trainer, epoch: int) -> None:
@@ -406,7 +411,7 @@ def _fmt(v: float | None) -> str:
 
 def _restore(t: Trainer, last: rf.RunCheckpoint) -> None:
     """Load a last.pt into the trainer: weights, optimizer, SWA, monitor, history, RNG."""
-    if last.config != config_to_dict(t.cfg):
+    if rerun.config_differences(last.config, t.cfg):
         log.warning("resuming with a config that differs from the checkpoint's")
     t.model.load_state_dict(last.model)
     ck = last.extra
