@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction) -> None:
             "RUN:WEIGHT. Conditions without a classifier and levels that cannot be located get\n"
             "prior probabilities (from the run's training labels, else the real class balance),\n"
             "with a warning. Beside the submission: problems.csv, locations.csv, studies.csv\n"
-            "(per-study seconds) and <stem>_figures/<study>.png."
+            "(per-study seconds) and <stem>_figures/<study>.png; on a labelled split (--split\n"
+            "train) also localization.csv: wrong-disc rate, point error and slice accuracy per\n"
+            "series type and level against train_label_coordinates.csv."
         ),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
