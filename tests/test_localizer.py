@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import torch
 from spinegrade.config import LocalizerConfig
 from spinegrade.constants import CONDITION_SERIES, CONDITIONS, LEVELS
 from spinegrade.data import localizer as D
-from spinegrade.engine import localizer as L
+from spinegrade.engine import localize as L
 from spinegrade.engine.split import holdout_split
 from spinegrade.losses import focal_heatmap_loss
 from spinegrade.metrics import keypoint_errors, summarize_errors
@@ -171,3 +172,189 @@ def test_train_localizer_cli_end_to_end(synth_dir, tmp_path, capsys):
     run = L.LocalizerRun.load(out)
     assert run.series_descriptions == ("Sagittal T2/STIR",)
     assert Path(out / "config.yaml").is_file()
+
+
+# --- wrong-disc rate, level labelling on the whole spine, axial slices from the sagittal -----------
+
+
+def _wd_rows(study: int, z_true: list[float], z_pred: list[float]) -> list[dict]:
+    """Error rows of one study's spinal points on the S-I axis (x = y = 0)."""
+    return [{"study_id": study, "series_id": 7, "series_description": "Sagittal T2/STIR",
+             "condition": "spinal_canal_stenosis", "level": LEVELS[k], "slice_error": 0,
+             "error_mm": abs(p - t), "true_x": 0.0, "true_y": -t, "pred_x": 0.0, "pred_y": -p,
+             "true_px": 0.0, "true_py": 0.0, "true_pz": t, "pred_px": 0.0, "pred_py": 0.0,
+             "pred_pz": p} for k, (t, p) in enumerate(zip(z_true, z_pred, strict=True))]
+
+
+def test_wrong_disc_rate_on_constructed_predictions():
+    from spinegrade.metrics import wrong_disc, wrong_disc_rate
+
+    z_true = [0.0, -40.0, -80.0, -120.0, -160.0]
+    # L1/L2 2 mm off (own disc); L2/L3 at -65: 25 mm from its disc, 15 mm from L3/L4's -> wrong;
+    # L3/L4 1 mm off; L4/L5 at -100: 20 mm from both its own and L3/L4's -> not wrong (a tie);
+    # L5/S1 exact. A second study with one labelled level can never be wrong.
+    rows = _wd_rows(1, z_true, [-2.0, -65.0, -79.0, -100.0, -160.0]) + _wd_rows(2, [0.0], [-39.0])
+    errors = pd.DataFrame(rows)
+    assert wrong_disc(errors).tolist() == [False, True, False, False, False, False]
+    assert wrong_disc_rate(errors) == pytest.approx(1 / 6)
+    table = summarize_errors(errors)
+    per_level = table.set_index("level")["wrong_disc_rate"]
+    assert per_level["l2_l3"] == 1.0 and per_level["l1_l2"] == 0.0
+    assert per_level["all"] == pytest.approx(1 / 6)
+    # Without geometry the native pixels of the series are compared instead (same verdicts).
+    no_geo = errors.assign(true_pz=np.nan, pred_pz=np.nan)
+    assert wrong_disc(no_geo).tolist() == [False, True, False, False, False, False]
+
+
+def _cand(z: float, levels: list[float]) -> dec.DiscCandidate:
+    return dec.DiscCandidate((0, 0), 0, np.array([0.0, 0.0, z]), z, max(levels),
+                             np.array(levels))
+
+
+def test_level_labelling_counts_from_the_lumbosacral_junction():
+    from spinegrade.data.plausibility import disc_chain_problem
+
+    # Nine candidates head to feet, 38 mm apart: T11/T12 and T12/L1 look lumbar (L1/L2's
+    # channel fires on them, on T12/L1 more than on L1/L2 itself), then the five lumbar
+    # discs, then two fused sacral lines the L5/S1 channel sees faintly.
+    lv = np.eye(5)
+    cands = [_cand(150.0, [0.7, 0.1, 0, 0, 0]), _cand(112.0, [0.8, 0.3, 0, 0, 0])]
+    cands += [_cand(74.0 - 38.0 * k, list(0.6 * lv[k] + 0.05)) for k in range(5)]
+    cands += [_cand(-116.0, [0, 0, 0, 0.05, 0.2]), _cand(-154.0, [0, 0, 0, 0, 0.15])]
+    chain, reason = dec.label_chain(cands, 5)
+    assert reason is None and chain == (2, 3, 4, 5, 6)
+    # By hand: the true chain scores 5 log 0.65 = -2.154. Shifting every level one disc up
+    # (L1/L2 on T12/L1) gives log 0.8 + 4 log 0.05 = -12.21; taking T12/L1 for L1/L2 and
+    # leaving the real L1/L2 out gives log 0.8 + 4 log 0.65 + log(1 - 0.65) = -2.996.
+    assert dec.chain_log_score(cands, chain) == pytest.approx(5 * np.log(0.65))
+    assert dec.chain_log_score(cands, (1, 2, 3, 4, 5)) == pytest.approx(
+        np.log(0.8) + 4 * np.log(0.05))
+    assert dec.chain_log_score(cands, (1, 3, 4, 5, 6)) == pytest.approx(
+        np.log(0.8) + 4 * np.log(0.65) + np.log(1 - 0.65))
+
+    # A chain check (disc_chain_problem) refuses chains that are no lumbar spine: with
+    # L3/L4's candidate 10 mm below L2/L3's (under the 15 mm minimum spacing) the only
+    # five-candidate chain is refused, and the reason says so.
+    squeezed = [_cand(z, list(0.6 * lv[k] + 0.05))
+                for k, z in enumerate([74.0, 36.0, 26.0, -12.0, -50.0])]
+
+    def check(p, s):
+        return disc_chain_problem(p, s, 0.01)
+
+    assert dec.label_chain(squeezed, 5)[0] == (0, 1, 2, 3, 4)
+    chain, reason = dec.label_chain(squeezed, 5, check)
+    assert chain is None and "no plausible disc chain" in reason and "10.0 mm" in reason
+
+
+def test_ordered_levels_ignore_thoracic_and_sacral_candidates():
+    s = _series(n=3, size=64, shape=(64, 64))
+    s.pixel_spacing[:] = 4.0  # 4 mm pixels: heatmap cells are 8 mm, rows 5 cells = 40 mm apart
+    hm = np.zeros((3, 5, 32, 32), dtype=np.float32)
+    rows = [1, 6, 11, 15, 20, 25, 29, 31]  # two thoracic, five lumbar, one sacral line
+    hm[1, 0, rows[0], 10] = hm[1, 0, rows[1], 10] = 0.7  # L1/L2's channel on both thoracic
+    for k in range(5):
+        hm[1, k, rows[k + 2], 10] = 0.6
+    hm[1, 4, rows[7], 10] = 0.3  # the sacral line: L5/S1's channel, faintly
+    cells = dec.ordered_level_cells(hm, list(range(5)), s, stride=2, min_sep_mm=15.0)
+    assert cells == {k: (rows[k + 2], 10) for k in range(5)}
+
+
+def _stack_series(study: int, series_id: int, z: np.ndarray, first_instance: int
+                  ) -> D.PreparedSeries:
+    """Axial slices at heights ``z`` (ascending), rows along +x, columns along +y, 1 mm pixels."""
+    n = len(z)
+    return D.PreparedSeries(
+        study_id=study, series_id=series_id, images=np.zeros((n, 64, 64), dtype=np.uint8),
+        depth=np.zeros(n, dtype=np.float32), instance_numbers=np.arange(n) + first_instance,
+        shapes=np.tile([256, 256], (n, 1)),
+        positions=np.array([[-100.0, -100.0, zi] for zi in z]),
+        pixel_spacing=np.ones((n, 2)), orientation=np.array([1.0, 0, 0, 0, 1.0, 0]))
+
+
+class _FakeSagittal(torch.nn.Module):
+    """Level k peaks at cell (DISC_ROWS[k], 12) on the middle slice (position plane 0) only."""
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 5, 32, 32), -30.0)
+        for b in range(x.shape[0]):
+            if float(x[b, -1, 0, 0]) == 0.0:
+                for k, r in enumerate(DISC_ROWS):
+                    out[b, k, r, 12] = 5.0
+        return out
+
+
+class _FakeAxial(torch.nn.Module):
+    """Every channel peaks at cell (16, 12) of every slice: only the geometry picks a slice."""
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 10, 32, 32), -30.0)
+        out[:, :, 16, 12] = 5.0
+        return out
+
+
+DISC_ROWS = [4, 9, 14, 19, 24]
+
+
+class _FakeT1(torch.nn.Module):
+    """Left foramina (channels 0-4) on the slice at +4 mm (patient left), right (5-9) at -4 mm,
+    every channel of a side on all five discs at column 14, and L1/L2's left channel also,
+    more strongly, on a thoracic disc at row 0: only the Sagittal T2 discs can sort them."""
+
+    def forward(self, x):
+        out = torch.full((x.shape[0], 10, 32, 32), -30.0)
+        for b in range(x.shape[0]):
+            side = {1.0: range(5), -1.0: range(5, 10)}.get(float(x[b, -1, 0, 0]), ())
+            for k in side:
+                for r in DISC_ROWS:
+                    out[b, k, r, 14] = 5.0
+            if 0 in side:
+                out[b, 0, 0, 14] = 9.0
+        return out
+
+
+def test_two_axial_stacks_get_their_slices_from_the_sagittal_discs():
+    from spinegrade.constants import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
+
+    # Sagittal T2: 3 slices at x = -4, 0, 4; rows along +y, columns along -z; 1 mm pixels,
+    # 256 px native on a 64 px grid, stride 2: heatmap cell (r, c) is native pixel
+    # (8c + 3.5, 8r + 3.5). Disc k at cell (DISC_ROWS[k], 12) = native (99.5, 35.5 + 40k), so
+    # in patient coordinates (0, -100 + 99.5, 100 - 35.5 - 40k) = (0, -0.5, 64.5 - 40k).
+    sag = D.PreparedSeries(
+        study_id=5, series_id=20, images=np.zeros((3, 64, 64), dtype=np.uint8),
+        depth=np.array([-1.0, 0.0, 1.0], dtype=np.float32), instance_numbers=np.array([1, 2, 3]),
+        shapes=np.tile([256, 256], (3, 1)),
+        positions=np.array([[x, -100.0, 100.0] for x in (-4.0, 0.0, 4.0)]),
+        pixel_spacing=np.ones((3, 2)), orientation=np.array([0.0, 1.0, 0, 0, 0, -1.0]))
+    # Two axial stacks 5 mm apart: A at z = 10..80 (instances 101..115), B at z = -110..0
+    # (201..223). Discs at z 64.5, 24.5 fall in A on z = 65 (index 11) and 25 (index 3);
+    # -15.5, -55.5, -95.5 in B on -15 (19), -55 (11), -95 (3). (-15.5 is 25.5 mm from A's
+    # lowest plane, beyond 1.5 slice gaps.)
+    a = _stack_series(5, 30, 10.0 + 5.0 * np.arange(15), 101)
+    b = _stack_series(5, 31, -110.0 + 5.0 * np.arange(23), 201)
+    t1 = dataclasses.replace(sag, series_id=21, images=sag.images.copy())
+    models = {"sagittal_t2_stir": (D.make_task(SAGITTAL_T2), _FakeSagittal()),
+              "sagittal_t1": (D.make_task(SAGITTAL_T1), _FakeT1()),
+              "axial_t2": (D.make_task(AXIAL_T2), _FakeAxial())}
+    lcfg = LocalizerConfig(img_size=64, heatmap_stride=2, refine_radius=1, n_context_slices=1,
+                           min_score=0.01)
+    out = L.locate_study(models, [(SAGITTAL_T2, sag), (SAGITTAL_T1, t1), (AXIAL_T2, a),
+                                  (AXIAL_T2, b)], lcfg, torch.device("cpu"))
+    spinal = out[out["condition"] == "spinal_canal_stenosis"].sort_values("level_idx")
+    assert spinal["instance_number"].tolist() == [2] * 5
+    assert spinal["method"].tolist() == ["chain"] * 5
+    np.testing.assert_allclose(spinal["y"], 35.5 + 40.0 * np.arange(5), atol=1e-6)
+    axial = out[out["series_description"] == AXIAL_T2]
+    assert len(axial) == 10 and set(axial["method"]) == {"geometry"}
+    for cond in ("left_subarticular_stenosis", "right_subarticular_stenosis"):
+        got = axial[axial["condition"] == cond].sort_values("level_idx")
+        assert got["series_id"].tolist() == [30, 30, 31, 31, 31]
+        assert got["instance_number"].tolist() == [112, 104, 220, 212, 204]
+    # Sagittal T1: each foramen found near its own disc (cell (DISC_ROWS[k], 14) = native
+    # (115.5, 35.5 + 40k)) on its side's slice, never on the decoy at row 0.
+    for cond, inst in (("left_neural_foraminal_narrowing", 3),
+                       ("right_neural_foraminal_narrowing", 1)):
+        got = out[out["condition"] == cond].sort_values("level_idx")
+        assert got["method"].tolist() == ["sagittal"] * 5
+        assert got["instance_number"].tolist() == [inst] * 5
+        np.testing.assert_allclose(got["y"], 35.5 + 40.0 * np.arange(5), atol=1e-6)
+        np.testing.assert_allclose(got["x"], 115.5, atol=1e-6)

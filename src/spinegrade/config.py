@@ -198,6 +198,9 @@ class LocalizerConfig:
     # random_negatives other slices drawn afresh each epoch.
     neighbour_radius: int = 2
     random_negatives: int = 2
+    # At most this many of those (series, slice) samples per epoch and task, a fresh random
+    # subset each epoch (0: all): bounds an epoch's cost whatever the dataset size (CPU).
+    samples_per_epoch: int = 0
     augment: bool = True
     aug_rotate_deg: float = 8.0
     aug_scale: tuple[float, float] = (0.9, 1.1)

@@ -14,9 +14,10 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Learn from train_label_coordinates.csv which slice and which (x, y) holds each "
             "disc level, for each series type in localizer.series (Sagittal T2/STIR: spinal "
             "canal; Sagittal T1: left/right foramina; Axial T2: left/right subarticular "
-            "recesses). Holds out localizer.val_fraction of the studies and reports the median "
-            "and 90th-percentile point error in mm and the exact / +-1 slice accuracy per "
-            "level. Writes config.yaml, split.csv, localizer_metrics.csv, problems.csv and "
+            "recesses). Holds out localizer.val_fraction of the studies and reports, per level, "
+            "the median and 90th-percentile point error in mm, the exact / +-1 slice accuracy "
+            "and the wrong-disc rate (points nearer another level's disc than their own). "
+            "Progress bars run within each epoch. Writes config.yaml, split.csv, localizer_metrics.csv, problems.csv and "
             "<task>/{checkpoints/{best,last}.pt, metrics.csv, val_predictions.csv, "
             "overlay.png} into --out. Run it again to resume an interrupted run."
         ),
@@ -42,6 +43,8 @@ def run(args: argparse.Namespace) -> int:
     if table.empty:
         print("no task had held-out studies to evaluate")
         return 0
-    print("held-out localisation (point error in mm on the true slice; slice accuracy):")
+    print("held-out localisation (n points; median_mm / p90_mm: point error in mm on the true "
+          "slice; slice_exact / slice_within1: share on the true slice / within +-1 slice; "
+          "wrong_disc_rate: share nearer another level's true disc):")
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     return 0

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from spinegrade.constants import CONDITION_SERIES, CONDITIONS, LEVELS, SERIES_DESCRIPTIONS
 from spinegrade.data.rsna import series_folder
 from spinegrade.errors import UserError
-from spinegrade.io.dicom import Volume, read_series
+from spinegrade.io.dicom import Volume, read_stacks
 from spinegrade.io.geometry import pixel_to_patient
 from spinegrade.problems import Problem
 
@@ -346,14 +346,22 @@ def load_task_series(data_dir: Path, task: LocalizerTask, coords: pd.DataFrame, 
                                       leave=False):
         folder = series_folder(data_dir, study, series_id)
         try:
-            vol = read_series(folder, g["instance_number"].tolist())
-            prep = prepare_series(vol, study, series_id, img_size, percentiles)
+            # Every stack: the labels of a series of tilted per-disc blocks span them all.
+            stacks = read_stacks(folder)
+            preps = [prepare_series(v, study, series_id, img_size, percentiles) for v in stacks]
         except (UserError, OSError, ValueError) as e:
             problems.append(Problem.skipped(kind="unreadable_series", study_id=int(study),
                                             series_id=int(series_id), file=str(folder),
                                             message=str(e)))
             continue
-        lab = label_series(prep, g, task, problems)
-        if lab.mask.any():
-            out.append(lab)
+        for prep in preps:
+            rows = g[g["instance_number"].isin(prep.instance_numbers)]
+            lab = label_series(prep, rows, task, problems)
+            if lab.mask.any():
+                out.append(lab)
+        read = set().union(*(p.instance_numbers.tolist() for p in preps))
+        for inst in sorted(set(g["instance_number"]) - read):
+            problems.append(Problem.skipped(
+                kind="missing_instance", study_id=int(study), series_id=int(series_id),
+                message=f"labelled instance {inst} not read"))
     return out

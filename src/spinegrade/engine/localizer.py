@@ -28,23 +28,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from tqdm import tqdm
 
-from spinegrade.config import Config, LocalizerConfig, config_from_dict, save_config
-from spinegrade.constants import LEVELS, SERIES_DESCRIPTIONS, is_sagittal
+from spinegrade.config import Config, LocalizerConfig, save_config
 from spinegrade.data import rsna
 from spinegrade.data.localizer import (
     Augmenter,
     LocalizerDataset,
     LocalizerTask,
-    PreparedSeries,
     SeriesLabels,
     load_task_series,
     make_task,
-    prepare_series,
-    slice_input,
     training_samples,
 )
 from spinegrade.engine.checkpoint import rng_state, save_checkpoint, set_rng_state
+from spinegrade.engine.localize import build_localizer, locate_series
 from spinegrade.engine.loop import optimizer_step, resolve_device
 from spinegrade.engine.run_folder import (
     LOCALIZER,
@@ -55,27 +53,16 @@ from spinegrade.engine.run_folder import (
 )
 from spinegrade.engine.schedule import epoch_cosine_lr
 from spinegrade.engine.split import holdout_split
-from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path
-from spinegrade.io.dicom import Volume
 from spinegrade.losses import focal_heatmap_loss
-from spinegrade.metrics import keypoint_errors, selection_score, summarize_errors
+from spinegrade.metrics import ERROR_CLIP_MM, keypoint_errors, selection_score, summarize_errors
 from spinegrade.models.localizer import HeatmapLocalizer
-from spinegrade.models.localizer_decode import (
-    Located,
-    cell_to_grid,
-    ordered_level_cells,
-    soft_argmax,
-)
 from spinegrade.problems import PROBLEMS_FILE, Problem, write_problems
 
 _log = logging.getLogger(__name__)
 
 # Gradient-norm clip of the localizer's steps (its heatmap loss spikes early in training).
 GRAD_CLIP = 5.0
-# The columns of locate_study's table (one row per located keypoint).
-LOCATED_COLUMNS = ("study_id", "series_id", "series_description", "condition", "level_idx",
-                   "level", "slice_index", "instance_number", "x", "y", "score")
 
 
 # --- labels --------------------------------------------------------------------------------------
@@ -95,110 +82,26 @@ def read_coordinates(data_dir: Path, problems: list[Problem]) -> pd.DataFrame:
                    "y", "series_description"]].reset_index(drop=True)
 
 
-# --- model ---------------------------------------------------------------------------------------
-
-
-def build_localizer(lcfg: LocalizerConfig, task: LocalizerTask, for_inference: bool = False
-                    ) -> HeatmapLocalizer:
-    """The heatmap network of one task, as ``localizer`` config describes it."""
-    return HeatmapLocalizer(
-        lcfg.backbone, in_chans=lcfg.n_context_slices + 1, num_keypoints=len(task.keypoints),
-        heatmap_stride=lcfg.heatmap_stride, max_stride=lcfg.max_stride,
-        decoder_channels=lcfg.decoder_channels,
-        pretrained=lcfg.pretrained and not for_inference,
-        pretrained_path="" if for_inference else lcfg.pretrained_path)
-
-
-# --- inference -----------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def heatmaps(model: HeatmapLocalizer, series: PreparedSeries, n_context: int,
-             device: torch.device, batch_size: int = 16) -> torch.Tensor:
-    """Sigmoid heatmaps of every slice, (n, K, h, w) float32 on the CPU."""
-    model.eval()
-    out = []
-    for start in range(0, len(series), batch_size):
-        x = np.stack([slice_input(series, j, n_context)
-                      for j in range(start, min(start + batch_size, len(series)))])
-        out.append(torch.sigmoid(model(torch.from_numpy(x).to(device)).float()).cpu())
-    return torch.cat(out)
-
-
-def locate_series(model: HeatmapLocalizer, series: PreparedSeries, lcfg: LocalizerConfig,
-                  device: torch.device, task: LocalizerTask | None = None) -> list[Located]:
-    """Per keypoint channel: the slice with the highest peak and the refined (x, y) on it.
-
-    With ``lcfg.ordered_levels`` and a sagittal ``task``, each condition's levels are first
-    assigned to consecutive discs (:func:`ordered_level_cells`); (x, y) is then refined
-    around the assigned disc on the channel's best slice.
-    """
-    hm = heatmaps(model, series, lcfg.n_context_slices, device).numpy()
-    stride, r = lcfg.heatmap_stride, lcfg.refine_radius
-    cells: dict[int, tuple[int, int]] = {}
-    if lcfg.ordered_levels and task is not None and is_sagittal(task.series_description):
-        for cond in dict.fromkeys(c for c, _ in task.keypoints):
-            chans = [k for k, (c, _) in enumerate(task.keypoints) if c == cond]
-            cells.update(ordered_level_cells(hm, chans, series, stride) or {})
-    out = []
-    for k in range(hm.shape[1]):
-        # The slice is where the channel peaks: even a channel that confuses neighbouring
-        # discs peaks on the right slice (the mid-sagittal one, or its side's foramina).
-        j = int(np.argmax(hm[:, k].reshape(len(series), -1).max(axis=1)))
-        hx, hy, peak = soft_argmax(hm[j, k], r, at=cells.get(k))
-        x, y = series.to_native(j, cell_to_grid(hx, stride), cell_to_grid(hy, stride))
-        out.append(Located(j, int(series.instance_numbers[j]), x, y, peak))
-    return out
-
-
-def locate_study(models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]],
-                 series: Iterable[tuple[str, PreparedSeries]], lcfg: LocalizerConfig,
-                 device: torch.device) -> pd.DataFrame:
-    """Locate every keypoint of every task in one study's series.
-
-    Where a study has several series of one type (e.g. two Axial T2), each keypoint is taken
-    from the series where its peak is highest.
-
-    Args:
-        models: task name -> (task, network).
-        series: (series description, prepared series) of one study.
-        lcfg: localizer config.
-        device: where the networks run.
-
-    Returns:
-        One row per keypoint found, ``LOCATED_COLUMNS``.
-    """
-    best: dict[tuple[str, int], dict] = {}
-    by_desc = {t.series_description: (t, m) for t, m in models.values()}
-    for desc, prep in series:
-        if desc not in by_desc:
-            continue
-        task, model = by_desc[desc]
-        for (cond, lvl), loc in zip(task.keypoints, locate_series(model, prep, lcfg, device, task),
-                                    strict=True):
-            if (cond, lvl) not in best or loc.score > best[(cond, lvl)]["score"]:
-                best[(cond, lvl)] = {
-                    "study_id": prep.study_id, "series_id": prep.series_id,
-                    "series_description": desc, "condition": cond, "level_idx": lvl,
-                    "level": LEVELS[lvl], "slice_index": loc.slice_index,
-                    "instance_number": loc.instance_number, "x": loc.x, "y": loc.y,
-                    "score": loc.score}
-    return pd.DataFrame(list(best.values()), columns=list(LOCATED_COLUMNS))
-
-
 # --- training ------------------------------------------------------------------------------------
 
 
 def train_one_epoch(model: HeatmapLocalizer, loader: Iterable[dict],
-                    optimizer: torch.optim.Optimizer, device: torch.device) -> float:
-    """One pass over the loader; returns the mean loss per batch."""
+                    optimizer: torch.optim.Optimizer, device: torch.device,
+                    progress: str | None = None) -> float:
+    """One pass over the loader; returns the mean loss per batch.
+
+    Args:
+        progress: a progress-bar label (batches within the epoch), or None for no bar.
+    """
     model.train()
     total, n = 0.0, 0
-    for batch in loader:
+    bar = tqdm(loader, desc=progress, disable=progress is None, leave=False, unit="batch")
+    for batch in bar:
         logits = model(batch["image"].to(device))
         loss = focal_heatmap_loss(logits, batch["heatmap"].to(device), batch["mask"].to(device))
         optimizer_step(model, optimizer, loss, GRAD_CLIP, where=" (localizer; lower localizer.lr)")
         total, n = total + float(loss.detach()), n + 1
+        bar.set_postfix(loss=f"{total / n:.4f}")
     return total / max(n, 1)
 
 
@@ -220,6 +123,7 @@ class _TaskRun:
     history: list[dict]
     best: float = float("inf")
     start_epoch: int = 1
+    progress: bool = False
 
 
 def _setup_task(cfg: Config, task: LocalizerTask, folder: LocalizerTaskFolder, resume: bool
@@ -267,6 +171,8 @@ def _epoch_loader(lcfg: LocalizerConfig, train: Sequence[SeriesLabels], epoch: i
     """This epoch's training loader and its number of samples."""
     rng = np.random.default_rng([lcfg.seed, epoch])  # per epoch: resuming needs no state
     samples = training_samples(train, lcfg.neighbour_radius, lcfg.random_negatives, rng)
+    if 0 < lcfg.samples_per_epoch < len(samples):
+        samples = samples[np.sort(rng.choice(len(samples), lcfg.samples_per_epoch, replace=False))]
     aug = (Augmenter(lcfg.aug_rotate_deg, lcfg.aug_scale, lcfg.aug_shift, rng)
            if lcfg.augment else None)
     dataset = LocalizerDataset(train, samples, n_context=lcfg.n_context_slices,
@@ -287,33 +193,45 @@ def _run_epoch(run: _TaskRun, train: Sequence[SeriesLabels], val: Sequence[Serie
     lr = epoch_cosine_lr(lcfg.lr, lcfg.min_lr, epoch, lcfg.epochs)
     for group in run.optimizer.param_groups:
         group["lr"] = lr
-    loss = train_one_epoch(run.model, loader, run.optimizer, run.device)
+    label = f"{run.task.name} epoch {epoch}/{lcfg.epochs}"
+    loss = train_one_epoch(run.model, loader, run.optimizer, run.device,
+                           label if run.progress else None)
     errors = evaluate(run.model, val, run.task, lcfg, run.device) if val else pd.DataFrame()
     score = selection_score(errors)
     improved = score < run.best or not val
     run.best = min(run.best, score)
     overall = summarize_errors(errors).iloc[-1] if not errors.empty else {}
+    val_stats = {k: float(overall.get(k, math.nan)) for k in
+                 ("median_mm", "p90_mm", "slice_within1", "wrong_disc_rate")}
     # Plain Python numbers only: last.pt must load with weights_only=True.
     run.history.append({"epoch": epoch, "lr": lr, "train_loss": float(loss),
                         "val_score_mm": float(score),
-                        "val_median_mm": float(overall.get("median_mm", math.nan)),
-                        "val_slice_within1": float(overall.get("slice_within1", math.nan)),
+                        **{f"val_{k}": v for k, v in val_stats.items()},
                         "samples": n_samples, "seconds": time.perf_counter() - start})
     _save(run, epoch, improved)
-    _log.info("%s epoch %d/%d: loss %.4f, held-out 3D error %.2f mm, median %.2f mm, "
-              "+-1 slice %.3f (%.0f s)", run.task.name, epoch, lcfg.epochs, loss, score,
-              overall.get("median_mm", float("nan")),
-              overall.get("slice_within1", float("nan")), time.perf_counter() - start)
+    _log.info("%s: %s", label, epoch_summary(run.history[-1]))
+
+
+def epoch_summary(row: dict) -> str:
+    """One ``metrics.csv`` row as a log line in which every number is named."""
+    return (f"train loss {row['train_loss']:.4f}; held-out: median point error "
+            f"{row['val_median_mm']:.2f} mm, 90th percentile {row['val_p90_mm']:.2f} mm, "
+            f"slice within +-1 {row['val_slice_within1']:.3f}, wrong disc "
+            f"{row['val_wrong_disc_rate']:.3f}, selection score (mean 3D error, misses "
+            f"clipped at {ERROR_CLIP_MM:.0f} mm) {row['val_score_mm']:.2f} mm; "
+            f"{row['samples']} samples in {row['seconds']:.0f} s")
 
 
 def fit_task(cfg: Config, task: LocalizerTask, train: Sequence[SeriesLabels],
-             val: Sequence[SeriesLabels], out: Path, resume: bool = True) -> pd.DataFrame:
+             val: Sequence[SeriesLabels], out: Path, resume: bool = True,
+             progress: bool = False) -> pd.DataFrame:
     """Train one task's network; keep the checkpoint with the best held-out score.
 
     Returns:
         Held-out keypoint errors of the best checkpoint (see ``metrics.keypoint_errors``).
     """
     run = _setup_task(cfg, task, LocalizerTaskFolder(out), resume)
+    run.progress = progress
     for epoch in range(run.start_epoch, cfg.localizer.epochs + 1):
         _run_epoch(run, train, val, epoch)
     best = read_checkpoint(run.folder.checkpoint("best"), kind=LOCALIZER, map_location=run.device)
@@ -337,7 +255,7 @@ def _train_task(cfg: Config, folder: LocalizerFolder, desc: str, data_dir: Path,
     val = [lab for lab in labelled if lab.series.study_id in val_ids]
     _log.info("%s: %d training series, %d held-out", task.name, len(train), len(val))
     tf = folder.task(task.name)
-    errors = fit_task(cfg, task, train, val, tf.root, resume)
+    errors = fit_task(cfg, task, train, val, tf.root, resume, progress)
     if errors.empty:
         return None
     with atomic_path(tf.val_predictions) as tmp:
@@ -382,59 +300,3 @@ def train_localizer(cfg: Config, data_dir: str | Path, out_dir: str | Path, resu
     with atomic_path(folder.localizer_metrics) as tmp:
         table.to_csv(tmp, index=False)
     return table
-
-
-# --- loading a trained localizer -----------------------------------------------------------------
-
-
-@dataclass
-class LocalizerRun:
-    """A trained localizer run folder, ready to locate levels in new studies."""
-
-    path: Path
-    lcfg: LocalizerConfig
-    models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]]
-    device: torch.device
-
-    @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto") -> LocalizerRun:
-        """Load ``best.pt`` (else ``last.pt``) of every task in ``run_dir``.
-
-        Raises:
-            UserError: the folder holds no localizer checkpoint.
-        """
-        folder = LocalizerFolder(Path(run_dir))
-        dev = resolve_device(device, "predict.device")
-        models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]] = {}
-        lcfg = None
-        for desc in SERIES_DESCRIPTIONS:
-            task = make_task(desc)
-            ckpts = [folder.task(task.name).checkpoint(n) for n in ("best", "last")]
-            path = next((p for p in ckpts if p.is_file()), None)
-            if path is None:
-                continue
-            ck = read_checkpoint(path, kind=LOCALIZER, map_location=dev)
-            lcfg = config_from_dict(ck.config).localizer
-            task = LocalizerTask(task.name, desc, tuple((c, int(lv)) for c, lv in
-                                                        ck.extra["task"]["keypoints"]))
-            model = build_localizer(lcfg, task, for_inference=True).to(dev)
-            model.load_state_dict(ck.model)
-            models[task.name] = (task, model.eval())
-        if lcfg is None:
-            raise UserError(f"{folder.root}: no localizer checkpoint in any task folder; "
-                            "train one with 'spinegrade train-localizer'")
-        return cls(folder.root, lcfg, models, dev)
-
-    @property
-    def series_descriptions(self) -> tuple[str, ...]:
-        """The series types this run can localise."""
-        return tuple(t.series_description for t, _ in self.models.values())
-
-    def prepare(self, volume: Volume, study_id: int, series_id: int) -> PreparedSeries:
-        """A Volume normalised and resized as this run's networks expect."""
-        return prepare_series(volume, study_id, series_id, self.lcfg.img_size,
-                              self.lcfg.intensity_percentiles)
-
-    def locate(self, series: Iterable[tuple[str, PreparedSeries]]) -> pd.DataFrame:
-        """See :func:`locate_study`."""
-        return locate_study(self.models, series, self.lcfg, self.device)

@@ -43,7 +43,8 @@ from spinegrade.constants import (
 )
 from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
-from spinegrade.engine.localizer import LocalizerRun
+from spinegrade.engine.localization_check import LOCALIZATION_FILE, LocalizationCheck
+from spinegrade.engine.localize import LocalizerRun
 from spinegrade.engine.loop import resolve_device
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
@@ -394,18 +395,21 @@ def predict(
     out = Path(out_path)
     fig_dir = figures_dir(out)
     results, rows = [], []
+    check = LocalizationCheck.open(data_dir, split, problems)  # labelled split: judge it
     bar = tqdm(studies, desc="predict", unit="study", disable=not progress)
     for st in bar:
         res = predict_study(st, localizer, classifiers, pcfg, problems)
         rows += submission_rows(res)
         if pcfg.figures:
             _figure(res, fig_dir / f"{st.study_id}.png", problems)
+        check.add(res.located, res.volumes)
         res.volumes = {}  # the pixels are not needed any more
         results.append(res)
         bar.set_postfix_str(f"{st.study_id}: {res.seconds:.1f} s")
         _log.debug("study %s: %.2f s", st.study_id, res.seconds)
     submission = pd.DataFrame(rows, columns=list(SUBMISSION_COLUMNS))
     files = _write_outputs(out, submission, results, problems)
+    files.update(check.write(side_file(out, LOCALIZATION_FILE)))
     if pcfg.figures:
         files["figures"] = fig_dir
     return PredictOutput(submission, results, problems, files)

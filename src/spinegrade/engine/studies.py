@@ -23,10 +23,13 @@ from spinegrade.constants import (
     series_descriptions_csv,
 )
 from spinegrade.data.rsna import series_folder
-from spinegrade.engine.localizer import LocalizerRun
+from spinegrade.engine.localize import LocalizerRun
 from spinegrade.errors import UserError
-from spinegrade.io.dicom import Volume, read_series
+from spinegrade.io.dicom import Volume, read_series, read_stacks
 from spinegrade.problems import Problem
+
+# Key of the k-th further stack of a multi-stack series in read_volumes: "<series id>:<k>".
+STACK_SEPARATOR = ":"
 
 
 @dataclass
@@ -100,7 +103,10 @@ def _int(text: str) -> int:
 
 
 def read_volumes(st: StudyInput, problems: list[Problem]) -> dict[str, tuple[str, Volume]]:
-    """series id -> (description, Volume); missing or unreadable series become problems."""
+    """series id -> (description, Volume); missing or unreadable series become problems.
+
+    An Axial T2 series contributes every stack it holds (``STACK_SEPARATOR``).
+    """
     out: dict[str, tuple[str, Volume]] = {}
     for sid, desc, folder in st.series:
         if not folder.is_dir():
@@ -109,7 +115,13 @@ def read_volumes(st: StudyInput, problems: list[Problem]) -> dict[str, tuple[str
                                             message="series folder not found"))
             continue
         try:
-            out[sid] = (desc, read_series(folder))
+            if desc == AXIAL_T2:
+                # Every stack (tilted per-disc blocks are stacks of their own): each disc is
+                # mapped into all of them. Further stacks get the key "<series id>:<k>".
+                for k, vol in enumerate(read_stacks(folder)):
+                    out[sid if k == 0 else f"{sid}{STACK_SEPARATOR}{k}"] = (desc, vol)
+            else:
+                out[sid] = (desc, read_series(folder))
         except (UserError, OSError, ValueError) as e:
             problems.append(Problem.skipped(kind="unreadable_series", study_id=_int(st.study_id),
                                             series_id=_int(sid), file=str(folder),

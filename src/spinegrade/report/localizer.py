@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from spinegrade.constants import LEVELS  # noqa: E402
+from spinegrade.metrics import wrong_disc  # noqa: E402
 from spinegrade.report.plots import save_figure  # noqa: E402
 
 LEVEL_COLOURS = ("#e41a1c", "#ff7f00", "#ffff33", "#4daf4a", "#377eb8")
@@ -28,14 +29,18 @@ def plot_overlay(labelled: Sequence[Any], errors: pd.DataFrame, task: Any, path:
 
     Args:
         labelled: ``SeriesLabels`` of held-out series (their prepared images are drawn).
-        errors: :func:`spinegrade.engine.localizer.keypoint_errors` output for them.
+        errors: :func:`spinegrade.metrics.keypoint_errors` output for them (points nearer
+            another level's true disc, ``metrics.wrong_disc``, are marked WRONG DISC).
         task: the ``LocalizerTask`` (for the name in the title).
         path: PNG to write.
         max_series: series shown.
     """
-    shown = [lab for lab in labelled if lab.series.series_id in set(errors["series_id"])][:max_series]
+    errors = errors.assign(wrong_disc=wrong_disc(errors))
+    # A series of several stacks is several SeriesLabels: each shows the slices it holds.
     panels = [(lab, sorted(set(errors.loc[errors["series_id"] == lab.series.series_id,
-                                          "true_instance"]))) for lab in shown]
+                                          "true_instance"]) & set(lab.series.instance_numbers)))
+              for lab in labelled]
+    panels = [p for p in panels if p[1]][:max_series]
     ncols = max((len(p) for _, p in panels), default=1)
     fig, axes = plt.subplots(max(len(panels), 1), ncols, figsize=(3.0 * ncols, 3.0 * max(len(panels), 1)),
                              squeeze=False)
@@ -60,8 +65,11 @@ def plot_overlay(labelled: Sequence[Any], errors: pd.DataFrame, task: Any, path:
                 ax.plot(px, py, "x", color=col, ms=7, mew=1.5)
                 if e.pred_instance != e.true_instance:
                     notes.append(f"{e.level[:2]}->{e.pred_instance}")
+                if e.wrong_disc:
+                    notes.append(f"{e.level[:2]} WRONG DISC")
             ax.set_title(f"{s.study_id} inst {inst}" + (f"\n{' '.join(notes)}" if notes else ""),
                          fontsize=7)
     fig.suptitle(f"{task.name}: true (o) vs predicted (x); colour = level "
-                 f"{', '.join(LEVELS)}", fontsize=9)
+                 f"{', '.join(LEVELS)}; wrong-disc rate {errors['wrong_disc'].mean():.3f} "
+                 f"({len(errors)} points)", fontsize=9)
     return save_figure(fig, path)
