@@ -32,16 +32,11 @@ def register(sub: argparse._SubParsersAction) -> None:
             "to 1). Runs of the same condition are averaged in probability space, weighted by\n"
             "RUN:WEIGHT. Conditions without a classifier and levels that cannot be located get\n"
             "prior probabilities (from the run's training labels, else the real class balance),\n"
-            "with a warning. Beside the submission, named after it: <stem>_problems.csv,
-"
-            "<stem>_locations.csv, <stem>_studies.csv (per-study seconds), <stem>_config.yaml
-"
-            "and <stem>_figures/<study>.png; on a labelled split (--split train) also
-"
-            "<stem>_localization.csv: wrong-disc rate, point error and slice accuracy per series
-"
-            "type and level against train_label_coordinates.csv. --study on a folder without a
-"
+            "with a warning. Beside the submission, named after it: <stem>_problems.csv,\n"
+            "<stem>_locations.csv, <stem>_studies.csv (per-study seconds), <stem>_config.yaml\n"
+            "and <stem>_figures/<study>.png; on a labelled split (--split train) also\n"
+            "<stem>_localization.csv: wrong-disc rate, point error and slice accuracy per series\n"
+            "type and level against train_label_coordinates.csv. --study on a folder without a\n"
             "readable series is an error."
         ),
         epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter,
