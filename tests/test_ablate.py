@@ -89,3 +89,48 @@ def test_outputs_written(tmp_path):
     assert "coral" in md  # v6's head shows in its architecture string
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "table.csv")) == 2
+
+
+def test_each_version_gets_the_cache_of_its_data_settings(tmp_path):
+    """v4-v7 crop tighter with one window, so they cannot share v8's cache."""
+    import dataclasses
+
+    from spinegrade.config import load_config
+    from spinegrade.data.cache import META_FILE, cache_key
+    from spinegrade.errors import UserError
+
+    v4 = load_config("v4", preset="ablate-demo")
+    v8 = load_config("v8", preset="ablate-demo")
+    keys = {cfg.name: cache_key(dataclasses.asdict(cfg.data)) for cfg in (v4, v8)}
+    assert keys["v4"] != keys["v8"]
+    for cfg in (v5 := load_config("v5", preset="ablate-demo"), load_config("v7", preset="ablate-demo")):
+        assert cache_key(dataclasses.asdict(cfg.data)) == keys["v4"]  # v4-v7 share one
+    root = tmp_path / "caches"
+    for key in keys.values():
+        (root / key).mkdir(parents=True)
+        (root / key / META_FILE).write_text("{}")
+    assert ablate.cache_for(v4, root) == root / keys["v4"]
+    assert ablate.cache_for(v5, root) == root / keys["v4"]
+    assert ablate.cache_for(v8, root) == root / keys["v8"]
+    # A single cache folder is used as it is (fit then checks its settings).
+    assert ablate.cache_for(v4, root / keys["v8"]) == root / keys["v8"]
+    (root / keys["v4"] / META_FILE).unlink()
+    (root / keys["v8"] / META_FILE).unlink()
+    try:
+        ablate.cache_for(v4, root)
+    except UserError as e:
+        assert "--data" in str(e) and keys["v4"] in str(e)
+    else:
+        raise AssertionError("a missing cache must be a UserError")
+
+
+def test_preset_keeps_each_versions_training_recipe():
+    from spinegrade.config import load_config
+
+    v4, v8 = load_config("v4", preset="ablate-demo"), load_config("v8", preset="ablate-demo")
+    assert (v4.train.batch_size, v4.train.freeze_epochs, v4.train.sampler) == (8, 0, "weighted")
+    assert v4.train.lr_schedule == "cosine_restarts" and v4.train.mixup_alpha > 0
+    assert (v4.data.crop_radius_scale, v4.data.window_channels) == (0.5, "single")
+    assert (v8.train.batch_size, v8.train.freeze_epochs, v8.train.sampler) == (16, 2, "shuffle")
+    assert (v8.data.crop_radius_scale, v8.data.window_channels) == (0.75, "three")
+    assert v4.model.backbone == v8.model.backbone == "test_efficientnet"

@@ -406,3 +406,20 @@ def test_config_choices_are_what_the_registries_serve():
     assert tuple(HEAD_CLASSES) == choices.HEADS == CHOICES["model.head"]
     with pytest.raises(ValueError, match="unknown aggregator"):
         create_aggregator("lstm", num_features=8, n_slices=3)
+
+
+def test_random_head_init_is_input_dependent_and_keeps_the_prior_for_resets():
+    """v4, v5, v7: "random" head initialisation (nn.Linear's default), not the prior bias."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("v4").model, n_slices=S)
+    assert tiny_cfg("v4").model.head_init == "random"
+    fc = model.head.fc
+    bound = 1 / fc.in_features ** 0.5
+    assert fc.weight.abs().max() <= bound and fc.weight.std() > 10 * 1e-3   # not std 1e-3
+    assert not torch.allclose(fc.bias, torch.tensor(PRIOR_LOGITS))
+    model.reset_head_bias()                     # the dead-class action still has a prior
+    torch.testing.assert_close(fc.bias.detach(), torch.tensor(PRIOR_LOGITS))
+    prior = build_model(tiny_cfg("v8").model, n_slices=S)
+    torch.testing.assert_close(prior.head.fc.bias.detach(), torch.tensor(PRIOR_LOGITS))
+    v6 = build_model(tiny_cfg("v6").model, n_slices=S)     # ordinal init: CORAL thresholds
+    torch.testing.assert_close(v6.head.bias.detach(), torch.tensor([-2.0, -2.95]))

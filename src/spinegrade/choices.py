@@ -47,6 +47,9 @@ WINDOW_PRESETS: tuple[str, ...] = ("fixed", "percentile")
 WINDOW_CHANNELS: tuple[str, ...] = ("three", "single")
 RESIZE_INTERPOLATIONS: tuple[str, ...] = ("area", "linear")
 
+# --- synthetic data (data/synthetic/labels.py: DIFFICULTIES) ----------------------------------
+SYNTH_DIFFICULTIES: tuple[str, ...] = ("easy", "realistic", "hard")
+
 # --- prediction (engine/predict.py) -----------------------------------------------------------
 PREDICT_FALLBACKS: tuple[str, ...] = ("prior",)
 # "final": the checkpoint final.json names, then the files of CHECKPOINT_NAMES.

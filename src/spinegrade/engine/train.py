@@ -491,13 +491,16 @@ def _load_weights(t: Trainer, name: str) -> nn.Module:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"best {summary['select_metric']} {summary['best_metric']:.4f} at epoch "
-          f"{summary['best_epoch']}", flush=True)
+    """Each number says which model it is: the best epoch, the SWA model, the final one."""
+    print(f"best epoch {summary['best_epoch']} by validation {summary['select_metric']} "
+          f"(no TTA): {summary['best_metric']:.4f}", flush=True)
     if "swa" in summary:
         sw = summary["swa"]
-        print(f"SWA over {sw['n_averaged']} epochs: BA {_fmt(sw['balanced_accuracy'])} "
-              f"weighted logloss {_fmt(sw['weighted_logloss'])} "
+        print(f"SWA model over {sw['n_averaged']} epochs, validation, no TTA: BA "
+              f"{_fmt(sw['balanced_accuracy'])} weighted logloss {_fmt(sw['weighted_logloss'])} "
               f"confusion {sw['confusion_matrix']}", flush=True)
+    print(f"final model: the {summary['final_checkpoint']} checkpoint (oof.csv; evaluate and "
+          "predict use it by default)", flush=True)
 
 
 __all__ = ["fit", "train_one_epoch", "evaluate", "KILL_ENV", "UserError"]
