@@ -423,3 +423,21 @@ def test_random_head_init_is_input_dependent_and_keeps_the_prior_for_resets():
     torch.testing.assert_close(prior.head.fc.bias.detach(), torch.tensor(PRIOR_LOGITS))
     v6 = build_model(tiny_cfg("v6").model, n_slices=S)     # ordinal init: CORAL thresholds
     torch.testing.assert_close(v6.head.bias.detach(), torch.tensor([-2.0, -2.95]))
+
+
+def test_hub_weights_are_recorded_with_their_tag_and_timm_version(monkeypatch):
+    real = timm.create_model
+
+    def hub(name, pretrained=False, **kwargs):  # the hub's weights, without the network
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    model = build_model(tiny_cfg("v8", "model.pretrained=true").model, n_slices=S)
+    w = model.backbone_weights
+    expected = real(TINY, pretrained=False).pretrained_cfg["hf_hub_id"]
+    assert (w.source, w.detail, w.timm_version) == ("hub", expected, timm.__version__)
+    record = w.as_dict()
+    assert record["backbone"] == TINY and record["sha256"] is None
+    assert w.describe() == f"{TINY}: timm hub {expected} (timm {timm.__version__})"
+    random = build_model(tiny_cfg("v8").model, n_slices=S).backbone_weights
+    assert random.as_dict()["source"] == "random" and random.detail == "model.pretrained=false"

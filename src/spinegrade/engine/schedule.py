@@ -133,3 +133,8 @@ def apply_lrs(optimizer: torch.optim.Optimizer, lrs: dict[str, float]) -> None:
     """Set each named parameter group's learning rate."""
     for group in optimizer.param_groups:
         group["lr"] = lrs[group["name"]]
+
+
+def scale_head_lr(lrs: dict[str, float], factor: float) -> dict[str, float]:
+    """``lrs`` with the head's rate times ``factor`` (the dead-class action's boost)."""
+    return lrs if factor == 1.0 else {**lrs, "head": lrs["head"] * factor}

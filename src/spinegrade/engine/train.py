@@ -44,7 +44,7 @@ from spinegrade.engine.loop import (
 )
 from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
 from spinegrade.engine.run_folder import RunFolder
-from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer
+from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer, scale_head_lr
 from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
 from spinegrade.engine.tta import predict_views
 from spinegrade.errors import UserError
@@ -73,7 +73,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     start = time.perf_counter()
     loss_sum, n_seen = 0.0, 0
     for step, batch in enumerate(loader):
-        apply_lrs(optimizer, _scaled(schedule.lrs(epoch, step), head_lr_scale))
+        apply_lrs(optimizer, scale_head_lr(schedule.lrs(epoch, step), head_lr_scale))
         x = to_model_input(batch["image"], s.device)
         targets = {"label": batch["label"].to(s.device), "level": batch["level"].to(s.device)}
         if augment is not None:
@@ -310,7 +310,7 @@ def _run_epoch(t: Trainer, epoch: int) -> None:
         # DDP registers only parameters that require grad, so re-wrap when that set changes.
         t.ddp = _wrap_ddp(t.model, t.s)
     boost = t.cfg.train.dead_class_lr_boost if t.state.boost_epoch == epoch else 1.0
-    lrs = _scaled(t.schedule.lrs(epoch, 0), boost)
+    lrs = scale_head_lr(t.schedule.lrs(epoch, 0), boost)
     stats = train_one_epoch(t.ddp, t.loaders.train, t.optimizer, t.loss_fn, t.schedule, epoch,
                             t.s, t.augment, t.aug_gen, head_lr_scale=boost)
     dist_util.broadcast_buffers(t.model)
@@ -343,18 +343,12 @@ def _wrap_ddp(model: nn.Module, s: Settings) -> nn.Module:
     return DDP(model, device_ids=ids)
 
 
-def _scaled(lrs: dict[str, float], head_scale: float) -> dict[str, float]:
-    return lrs if head_scale == 1.0 else {**lrs, "head": lrs["head"] * head_scale}
-
-
 def _apply_dead_class_action(t: Trainer, action: str, epoch: int) -> None:
     if action in ("reset_bias", "reset_bias_boost"):
         log.warning("epoch %d: resetting the head bias to the prior", epoch)
         t.model.reset_head_bias()
     if action == "reset_bias_boost":
-        # The reset alone lands back where the class died; a short high head LR lets the
-        # head re-learn the class from the features before the schedule's rate resumes.
-        t.state.boost_epoch = epoch + 1
+        t.state.boost_epoch = epoch + 1  # why: docs/models.md, "Dead-class action"
         log.warning("epoch %d: head learning rate x%g for epoch %d", epoch,
                     t.cfg.train.dead_class_lr_boost, epoch + 1)
     elif action == "stop":
@@ -491,7 +485,6 @@ def _load_weights(t: Trainer, name: str) -> nn.Module:
 
 
 def _print_summary(summary: dict) -> None:
-    """Each number says which model it is: the best epoch, the SWA model, the final one."""
     print(f"best epoch {summary['best_epoch']} by validation {summary['select_metric']} "
           f"(no TTA): {summary['best_metric']:.4f}", flush=True)
     if "swa" in summary:
