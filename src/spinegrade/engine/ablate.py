@@ -6,7 +6,9 @@ tighter and use one intensity window) need their own crop cache: :func:`cache_fo
 cache of each config's data settings under a cache root, and prepares it from the data
 folder when it is missing. The summary table follows the seed's
 form: version, architecture, loss, best BA (mean +- std over folds), epoch of best BA, dead
-classes, per-class recall at the best epoch, competition-weighted log loss.
+classes, per-class recall at the best epoch, competition-weighted log loss; plus the
+validation BA of each run's final model (SWA when it ran), the one evaluate and predict use.
+Every BA is on the validation fold without TTA; std is over folds (population, ddof 0).
 """
 
 from __future__ import annotations
@@ -171,6 +173,22 @@ def dead_class_epochs(metrics: pd.DataFrame) -> dict[str, list[int]]:
     return dead
 
 
+def final_model_ba(run_dir: Path) -> tuple[float, str]:
+    """Validation BA (no TTA) of the run's final model and its checkpoint name, from
+    final.json (SWA's own metrics when it ran; NaN and '' when the run has no final.json)."""
+    folder = RunFolder(run_dir)
+    if not folder.final.is_file():
+        return float("nan"), ""
+    final = json.loads(folder.final.read_text())
+    name = str(final.get("final_checkpoint", ""))
+    if name == "swa" and isinstance(final.get("swa"), dict):
+        return float(final["swa"]["balanced_accuracy"]), name
+    metrics = pd.read_csv(folder.metrics)
+    epoch = final.get("best_epoch") if name == "best" else int(metrics["epoch"].max())
+    row = metrics.loc[metrics["epoch"] == epoch, "balanced_accuracy"]
+    return (float(row.iloc[0]) if len(row) else float("nan")), name
+
+
 def summarize_run(metrics: pd.DataFrame) -> dict:
     """Best-BA epoch, recall there, log loss there, and dead classes of one run."""
     best = int(metrics["balanced_accuracy"].astype(float).idxmax())
@@ -226,11 +244,16 @@ def build_table(runs: Sequence[PlannedRun]) -> pd.DataFrame:
         group = [r for r in runs if r.label == label]
         summaries = [summarize_run(_read_metrics(r)) for r in group]
         bas = np.array([s["best_ba"] for s in summaries])
+        finals = [final_model_ba(r.run_dir) for r in group]
+        final_bas = np.array([f[0] for f in finals])
+        names = "/".join(sorted({f[1] for f in finals if f[1]})) or "n/a"
         row = {
             "Version": label,
             "Architecture": describe_architecture(group[0].cfg),
             "Loss": describe_loss(group[0].cfg),
             "Best BA": f"{bas.mean():.3f} ± {bas.std():.3f}",
+            "Final-model BA": (f"{final_bas.mean():.3f} ± {final_bas.std():.3f} ({names})"
+                               if not np.isnan(final_bas).any() else "n/a"),
             "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
             "Dead class?": _format_dead([s["dead"] for s in summaries]),
         }
