@@ -33,7 +33,12 @@ def test_dead_class_column_names_the_class_and_epochs(tmp_path):
     for r in runs:
         _write_metrics(r.run_dir, r.cfg.train.epochs,
                        never_predicts="moderate" if r.label == "v5" else None)
+    for r, swa_ba in zip(runs, (0.61, 0.7), strict=True):
+        (r.run_dir / "final.json").write_text(json.dumps(
+            {"final_checkpoint": "swa", "swa": {"balanced_accuracy": swa_ba}, "best_epoch": 2}))
     table = ablate.build_table(runs).set_index("Version")
+    assert table.loc["v5", "Final-model BA"] == "0.610 ± 0.000 (swa)"
+    assert table.loc["v8", "Final-model BA"] == "0.700 ± 0.000 (swa)"
     epochs = runs[0].cfg.train.epochs
     assert table.loc["v5", "Dead class?"] == (
         f"moderate (fold 0: ep {','.join(str(e) for e in range(1, epochs + 1))})")
@@ -85,7 +90,61 @@ def test_outputs_written(tmp_path):
         _write_metrics(r.run_dir, r.cfg.train.epochs)
     ablate.write_outputs(runs, tmp_path)
     md = (tmp_path / "table.md").read_text()
-    assert md.splitlines()[0].startswith("| Version | Architecture | Loss | Best BA")
+    assert md.splitlines()[0].startswith("| Version | Architecture | Loss | Best BA | Final-model BA")
+    assert "| n/a |" in md  # no final.json: the final model's BA is unknown, not invented
     assert "coral" in md  # v6's head shows in its architecture string
     assert (tmp_path / "curves.png").stat().st_size > 1000
     assert len(pd.read_csv(tmp_path / "table.csv")) == 2
+
+
+def test_each_version_gets_the_cache_of_its_data_settings(tmp_path):
+    """v4-v7 crop tighter with one window, so they cannot share v8's cache."""
+    import dataclasses
+
+    from spinegrade.config import load_config
+    from spinegrade.data.cache import META_FILE, cache_key
+    from spinegrade.errors import UserError
+
+    v4 = load_config("v4", preset="ablate-demo")
+    v8 = load_config("v8", preset="ablate-demo")
+    keys = {cfg.name: cache_key(dataclasses.asdict(cfg.data)) for cfg in (v4, v8)}
+    assert keys["v4"] != keys["v8"]
+    for cfg in (v5 := load_config("v5", preset="ablate-demo"), load_config("v7", preset="ablate-demo")):
+        assert cache_key(dataclasses.asdict(cfg.data)) == keys["v4"]  # v4-v7 share one
+    root = tmp_path / "caches"
+    for key in keys.values():
+        (root / key).mkdir(parents=True)
+        (root / key / META_FILE).write_text("{}")
+    assert ablate.cache_for(v4, root) == root / keys["v4"]
+    assert ablate.cache_for(v5, root) == root / keys["v4"]
+    assert ablate.cache_for(v8, root) == root / keys["v8"]
+    # A single cache folder is used as it is (fit then checks its settings).
+    assert ablate.cache_for(v4, root / keys["v8"]) == root / keys["v8"]
+    (root / keys["v4"] / META_FILE).unlink()
+    (root / keys["v8"] / META_FILE).unlink()
+    try:
+        ablate.cache_for(v4, root)
+    except UserError as e:
+        assert "--data" in str(e) and keys["v4"] in str(e)
+    else:
+        raise AssertionError("a missing cache must be a UserError")
+
+
+def test_preset_keeps_each_versions_training_recipe():
+    from spinegrade.config import load_config
+
+    v4, v8 = load_config("v4", preset="ablate-demo"), load_config("v8", preset="ablate-demo")
+    assert (v4.train.batch_size, v4.train.freeze_epochs, v4.train.sampler) == (8, 0, "weighted")
+    assert v4.train.lr_schedule == "cosine_restarts" and v4.train.mixup_alpha > 0
+    assert (v4.data.crop_radius_scale, v4.data.window_channels) == (0.5, "single")
+    assert (v8.train.batch_size, v8.train.freeze_epochs, v8.train.sampler) == (16, 2, "shuffle")
+    assert (v8.data.crop_radius_scale, v8.data.window_channels) == (0.75, "three")
+    assert v4.model.backbone == v8.model.backbone == "test_efficientnet"
+
+
+def test_final_model_ba_without_swa_is_the_best_epochs(tmp_path):
+    run = tmp_path / "r"
+    _write_metrics(run, 4, best_epoch=3)
+    assert ablate.final_model_ba(run) == (float("nan"), "") or np.isnan(ablate.final_model_ba(run)[0])
+    (run / "final.json").write_text(json.dumps({"final_checkpoint": "best", "best_epoch": 3}))
+    assert ablate.final_model_ba(run) == (0.9, "best")

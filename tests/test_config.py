@@ -157,3 +157,32 @@ def test_cli_reports_config_errors_without_traceback(capsys):
 def test_other_registries_serve_the_names_config_validates():
     assert tuple(INTERPOLATIONS) == choices.RESIZE_INTERPOLATIONS
     assert tuple(SELECT_METRICS) == choices.SELECT_METRICS
+
+
+@pytest.mark.parametrize("version, freeze", [("v4", 0), ("v5", 1), ("v6", 2), ("v7", 3)])
+def test_config_diff_shows_each_plan_difference_with_the_plans_words(version, freeze, capsys):
+    assert main(["config", "--config", f"configs/{version}.yaml", "--diff"]) == 0
+    lines = {ln.split(":")[0]: ln for ln in capsys.readouterr().out.splitlines()[1:]}
+    expected = {  # the plan's account of v4-v7, written here independently of the YAML
+        "data.crop_radius_scale": ("0.75 -> 0.5", "radius img_size // 2"),
+        "data.window_channels": ("'three' -> 'single'", "a single intensity window"),
+        "train.batch_size": ("16 -> 8", "at batch size 8"),
+        "train.sampler": ("'shuffle' -> 'weighted'", "WeightedRandomSampler (replacement)"),
+        "train.mixup_alpha": ("0.0 -> 0.4", '"mixup"'),
+        "train.lr_schedule": ("'cosine' -> 'cosine_restarts'", "cosine with warm restarts"),
+        "model.head_init" if version != "v6" else "model.head":
+            ("'prior' -> 'random'", "random or ordinal head initialisation") if version != "v6"
+            else ("'softmax' -> 'coral'", ""),
+    }
+    if freeze != 2:
+        expected["train.freeze_epochs"] = (f"2 -> {freeze}", "0-3 frozen epochs")
+    if version == "v7":
+        expected["model.stem_init"] = ("'adapt' -> 'rgb_plus_random'",
+                                       "threw away the pretrained weights of 4 channels")
+    for key, (change, words) in expected.items():
+        assert change in lines[key], (key, lines.get(key))
+        assert words in lines[key], (key, lines[key])
+        if words:
+            assert "# plan: " in lines[key] or "(plan: " in lines[key]
+    # The v8-only emergency action is off for the old versions.
+    assert "'reset_bias_boost' -> 'warn'" in lines["train.dead_class_action"]

@@ -42,11 +42,16 @@ def test_run_folder_has_the_documented_files(run):
     assert json.loads((r / "final.json").read_text())["final_checkpoint"] == "swa"
     health = json.loads((r / "health.json").read_text())
     assert {it["status"] for it in health["items"]} <= {"pass", "warn", "alarm", "pending"}
+    assert len(health["items"]) == 6
+    weights = json.loads((r / "run.json").read_text())["backbone_weights"]
+    assert (weights["source"], weights["detail"]) == ("random", "model.pretrained=false")
+    assert weights["backbone"] == "test_efficientnet" and weights["sha256"] is None
 
 
 def test_evaluate_tta_on_and_off(run, capsys):
     r = run / "run"
-    assert main(["evaluate", str(r), "--checkpoint", "swa", "--no-tta", "--out", str(run / "e0")]) == 0
+    # Default: the final checkpoint final.json names (SWA here), as oof.csv and predict use.
+    assert main(["evaluate", str(r), "--no-tta", "--out", str(run / "e0")]) == 0
     assert main(["evaluate", str(r), "--checkpoint", "swa", "--out", str(run / "e1")]) == 0
     plain = json.loads((run / "e0/metrics.json").read_text())
     tta = json.loads((run / "e1/metrics.json").read_text())
@@ -54,6 +59,7 @@ def test_evaluate_tta_on_and_off(run, capsys):
                 "n_samples", "per_level_recall"):
         assert key in plain and key in tta
     assert (plain["tta"], plain["tta_views"], tta["tta"], tta["tta_views"]) == (False, 1, True, 5)
+    assert plain["checkpoint"] == tta["checkpoint"] == "swa"
     assert plain["n_samples"] == tta["n_samples"] == len(pd.read_csv(r / "oof.csv"))
     assert plain["weighted_logloss"] != tta["weighted_logloss"]
     # Without TTA, the swa checkpoint re-scores exactly as training's out-of-fold predictions.

@@ -36,7 +36,9 @@ def test_v8_schedule_numbers():
 
 def test_fit_follows_the_phases_and_swa_averages_exactly_the_window(tmp_path, monkeypatch):
     cache = make_cache(tmp_path / "cache", n_studies=9)
-    cfg = tiny_config("train.epochs=5", "train.swa_start_epoch=4", "train.augment=false")
+    # warn: the dead-class boost (the default action) would change the learning rates.
+    cfg = tiny_config("train.epochs=5", "train.swa_start_epoch=4", "train.augment=false",
+                      "train.dead_class_action=warn")
     seen_lrs: list[dict] = []
     apply = train_mod.apply_lrs
     monkeypatch.setattr(train_mod, "apply_lrs",
@@ -76,3 +78,36 @@ def test_fit_follows_the_phases_and_swa_averages_exactly_the_window(tmp_path, mo
     last = load_checkpoint(tmp_path / "run/checkpoints/last.pt")["model"]
     bn_key = next(k for k in swa["model"] if k.endswith("running_mean"))
     assert not torch.equal(swa["model"][bn_key], last[bn_key])
+
+
+def test_warm_restarts_return_to_the_base_rate_at_the_restart_step():
+    cfg = load_config("v8", ["train.lr_schedule=cosine_restarts", "train.lr_restart_epochs=3",
+                             "train.freeze_epochs=2", "train.epochs=12", "train.swa=false"])
+    s = PhaseSchedule.from_config(cfg.train, steps_per_epoch=10)
+    base, low = 1e-4, 1e-6
+    # Cycle 1: fine-tune epochs 3, 4, 5 (30 steps); its last step is 29/30 of the way down.
+    assert s.lrs(3, 0)["head"] == pytest.approx(base)
+    last = low + (base - low) * 0.5 * (1 + math.cos(math.pi * 29 / 30))
+    assert s.lrs(5, 9)["head"] == pytest.approx(last)
+    assert last < 2e-6
+    # The restart step: first step of epoch 6 is back at the base rates.
+    assert s.lrs(6, 0) == pytest.approx({"backbone": 1e-5, "head": base})
+    mid = low + (base - low) * 0.5 * (1 + math.cos(math.pi * 15 / 30))
+    assert s.lrs(7, 5)["head"] == pytest.approx(mid)   # step 15 of cycle 2
+    assert s.lrs(9, 0)["head"] == pytest.approx(base)  # cycle 3 starts
+    # Frozen epochs are untouched, and plain cosine has no restart at epoch 6.
+    assert s.lrs(1, 0) == {"backbone": 0.0, "head": 3e-4}
+    plain = PhaseSchedule.from_config(load_config("v8", ["train.epochs=12", "train.swa=false"]).train, 10)
+    assert plain.lrs(6, 0)["head"] < plain.lrs(5, 9)["head"]
+
+
+def test_warm_restart_cycles_grow_by_the_multiplier():
+    cfg = load_config("v8", ["train.lr_schedule=cosine_restarts", "train.lr_restart_epochs=2",
+                             "train.lr_restart_mult=2", "train.freeze_epochs=0", "train.epochs=14",
+                             "train.swa=false"])
+    s = PhaseSchedule.from_config(cfg.train, steps_per_epoch=4)
+    heads = [s.lrs(e, k)["head"] for e in range(1, 15) for k in range(4)]
+    restarts = [i for i in range(1, len(heads)) if heads[i] > heads[i - 1]]
+    assert restarts == [8, 24]  # cycles of 2, 4, 8 epochs x 4 steps
+    for v in ("v4", "v5", "v6", "v7"):
+        assert load_config(f"configs/{v}.yaml").train.lr_schedule == "cosine_restarts"

@@ -175,3 +175,28 @@ def test_v6_coral_ce_is_focal_ce_on_decoded_probs_plus_coral_bce():
     assert terms["main"].item() == pytest.approx(focal, rel=1e-5)
     assert terms["ordinal"].item() == pytest.approx(coral, rel=1e-5)
     assert terms["total"].item() == pytest.approx(focal + coral, rel=1e-5)
+
+
+def test_plan_focal_form_uses_exp_of_the_weighted_ce():
+    """The plan's snippet: pt = exp(-weighted ce) = p ** w, so the focus is (1 - p ** w) ** g."""
+    logits = torch.tensor([[2.0, 0.5, -1.0], [0.1, 0.3, 0.2], [-0.5, 0.0, 1.5]])
+    y = torch.tensor([0, 1, 2])
+    gamma, w = 2.0, np.array([1.0, 2.0, 4.0])
+    p = np.exp(logits.numpy()) / np.exp(logits.numpy()).sum(1, keepdims=True)
+    py, wy = p[np.arange(3), y.numpy()], w[y.numpy()]
+    textbook = (wy * (1 - py) ** gamma * -np.log(py)).sum() / wy.sum()
+    plan = (wy * (1 - py ** wy) ** gamma * -np.log(py)).sum() / wy.sum()
+    assert plan > textbook  # p ** w < p: weighted samples count as less well classified
+    got_textbook = CompetitionWeightedCE(CLASS_WEIGHTS, gamma=gamma)(logits, y)
+    got_plan = CompetitionWeightedCE(CLASS_WEIGHTS, gamma=gamma, focal_form="plan")(logits, y)
+    assert got_textbook.item() == pytest.approx(textbook, rel=1e-5)
+    assert got_plan.item() == pytest.approx(plan, rel=1e-5)
+    # Without class weights the two forms are one.
+    unweighted = [CompetitionWeightedCE(None, gamma=gamma, focal_form=f)(logits, y).item()
+                  for f in ("textbook", "plan")]
+    assert unweighted[0] == pytest.approx(unweighted[1])
+    cfg = load_config("v4", ["loss.focal_form=plan"])
+    assert build_loss(cfg.loss).main.focal_form == "plan"
+    assert load_config("v4").loss.focal_form == "textbook"   # the default
+    with pytest.raises(ConfigError, match="focal_form"):
+        load_config("v4", ["loss.focal_form=paper"])

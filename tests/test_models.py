@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import pytest
@@ -265,13 +266,37 @@ def test_pretrained_path_adapts_a_3_channel_stem_to_7_channels(tmp_path):
     source = timm.create_model(TINY, pretrained=False, num_classes=0)
     path = tmp_path / "rgb.pth"
     torch.save({"state_dict": source.state_dict()}, path)  # wrapped, as training scripts save
-    cfg = tiny_cfg("v7", f"model.pretrained_path={path}")
+    cfg = tiny_cfg("v7", f"model.pretrained_path={path}", "model.stem_init=adapt")
     model = build_model(cfg.model, n_slices=S)
     stem = model.backbone.conv_stem.weight
     assert stem.shape[1] == S and model.normalize.mean.shape[1] == S
     torch.testing.assert_close(stem.detach(), adapt_input_conv(S, source.conv_stem.weight.detach()))
     torch.testing.assert_close(model.backbone.bn1.weight.detach(), source.bn1.weight.detach())
     assert model.backbone_weights.source == "file" and not model.backbone_weights.missing_keys
+    assert model.backbone_weights.sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
+    assert model.backbone_weights.random_stem_channels == 0
+
+
+def test_v7_stem_keeps_pretrained_filters_on_3_channels_only(tmp_path):
+    """The plan: v7's 7-channel stem threw away the pretrained weights of 4 channels."""
+    source = timm.create_model(TINY, pretrained=False, num_classes=0)
+    path = tmp_path / "rgb.pth"
+    torch.save(source.state_dict(), path)
+    cfg = tiny_cfg("v7", f"model.pretrained_path={path}")
+    assert cfg.model.stem_init == "rgb_plus_random"
+    model = build_model(cfg.model, n_slices=S)
+    stem = model.backbone.conv_stem.weight.detach()
+    rgb = source.conv_stem.weight.detach()
+    torch.testing.assert_close(stem[:, :3], rgb)          # unscaled pretrained RGB filters
+    for c in range(3, S):                                  # neither copies nor scaled copies
+        assert not torch.allclose(stem[:, c], rgb[:, c % 3] * 3 / S)
+        assert not torch.allclose(stem[:, c], rgb[:, c % 3])
+    # The random channels have the spread of a fresh initialisation, not zeros.
+    fresh = timm.create_model(TINY, pretrained=False, num_classes=0, in_chans=S).conv_stem.weight
+    assert float(stem[:, 3:].std()) == pytest.approx(float(fresh[:, 3:].detach().std()), rel=0.3)
+    torch.testing.assert_close(model.backbone.bn1.weight.detach(), source.bn1.weight.detach())
+    assert model.backbone_weights.random_stem_channels == S - 3
+    assert "4 stem channels randomly initialised" in model.backbone_weights.describe()
 
 
 def test_pretrained_path_errors_name_the_file(tmp_path):
@@ -381,3 +406,38 @@ def test_config_choices_are_what_the_registries_serve():
     assert tuple(HEAD_CLASSES) == choices.HEADS == CHOICES["model.head"]
     with pytest.raises(ValueError, match="unknown aggregator"):
         create_aggregator("lstm", num_features=8, n_slices=3)
+
+
+def test_random_head_init_is_input_dependent_and_keeps_the_prior_for_resets():
+    """v4, v5, v7: "random" head initialisation (nn.Linear's default), not the prior bias."""
+    torch.manual_seed(0)
+    model = build_model(tiny_cfg("v4").model, n_slices=S)
+    assert tiny_cfg("v4").model.head_init == "random"
+    fc = model.head.fc
+    bound = 1 / fc.in_features ** 0.5
+    assert fc.weight.abs().max() <= bound and fc.weight.std() > 10 * 1e-3   # not std 1e-3
+    assert not torch.allclose(fc.bias, torch.tensor(PRIOR_LOGITS))
+    model.reset_head_bias()                     # the dead-class action still has a prior
+    torch.testing.assert_close(fc.bias.detach(), torch.tensor(PRIOR_LOGITS))
+    prior = build_model(tiny_cfg("v8").model, n_slices=S)
+    torch.testing.assert_close(prior.head.fc.bias.detach(), torch.tensor(PRIOR_LOGITS))
+    v6 = build_model(tiny_cfg("v6").model, n_slices=S)     # ordinal init: CORAL thresholds
+    torch.testing.assert_close(v6.head.bias.detach(), torch.tensor([-2.0, -2.95]))
+
+
+def test_hub_weights_are_recorded_with_their_tag_and_timm_version(monkeypatch):
+    real = timm.create_model
+
+    def hub(name, pretrained=False, **kwargs):  # the hub's weights, without the network
+        return real(name, pretrained=False, **kwargs)
+
+    monkeypatch.setattr(timm, "create_model", hub)
+    model = build_model(tiny_cfg("v8", "model.pretrained=true").model, n_slices=S)
+    w = model.backbone_weights
+    expected = real(TINY, pretrained=False).pretrained_cfg["hf_hub_id"]
+    assert (w.source, w.detail, w.timm_version) == ("hub", expected, timm.__version__)
+    record = w.as_dict()
+    assert record["backbone"] == TINY and record["sha256"] is None
+    assert w.describe() == f"{TINY}: timm hub {expected} (timm {timm.__version__})"
+    random = build_model(tiny_cfg("v8").model, n_slices=S).backbone_weights
+    assert random.as_dict()["source"] == "random" and random.detail == "model.pretrained=false"

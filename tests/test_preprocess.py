@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import cv2
 import numpy as np
 import pydicom
@@ -254,3 +256,23 @@ def test_crop_pixels_equal_an_independent_recomputation(tmp_path, interpolation)
         np.testing.assert_array_equal(crop[1], expected)
     # The edge box really is zero-padded: its top-left output pixels are 0 in every channel.
     assert not crop[1][:, 0, 0].any()
+
+
+def test_v4_v7_single_window_and_tight_crop(tmp_path):
+    """The plan: v4-v7 used a single intensity window and crop radius img_size // 2."""
+    from spinegrade.config import load_config
+
+    write_series(tmp_path / "s", n=4, shape=(40, 40), instance_numbers=[3, 1, 4, 2])
+    vol = read_series(tmp_path / "s")
+    v4, v8 = load_config("v4", ["data.img_size=16"]).data, load_config("v8", ["data.img_size=16"]).data
+    single, three = build_cropper(v4), build_cropper(v8)
+    req = CropRequest(4, 20.0, 20.0)
+    assert {(rx, ry) for *_, rx, ry in single.slice_plan(vol, req)} == {(8, 8)}   # 16 // 2
+    (crop,) = single(vol, [req])
+    np.testing.assert_array_equal(crop[:, 0], crop[:, 1])   # one window on every channel
+    np.testing.assert_array_equal(crop[:, 0], crop[:, 2])
+    # The first channel is v8's first (soft-tissue) window on the same 8-px-radius crop.
+    (ref,) = build_cropper(dataclasses.replace(v8, crop_radius_scale=0.5))(vol, [req])
+    np.testing.assert_array_equal(crop[:, 0], ref[:, 0])
+    (rgb,) = three(vol, [req])
+    assert not np.array_equal(rgb[:, 0], rgb[:, 1])          # v8: three different windows

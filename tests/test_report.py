@@ -46,23 +46,27 @@ def test_report_embeds_figures_and_best_epoch(tmp_path):
     assert len(images) == 6  # loss, recall, best confusion, slice weights, eval confusion, levels
     assert "src=\"http" not in page
     # Best BA is 0.73 at epoch 5 (the max of the series above), last BA too.
-    assert re.search(r"best val BA<b>0\.730</b>epoch 5", page)
+    assert re.search(r"best-epoch val BA<b>0\.730</b>epoch 5, no TTA", page)
     # One epoch had a dead class.
     assert re.search(r"dead-class epochs<b>1</b>alarm", page)
     # Health after epoch 5 (EvalConfig defaults), by hand: min recall 0.5 > 30% pass; BA
-    # spread 0.73 - 0.41 = 0.32 >= 3% warn; Normal/Mild recall 0.95 > 90% alarm; loss gap
-    # 0.22 - 0.20 = 0.02 < 0.05 pass; Moderate & Severe min 0.5 (not > 50%, not < 30%) warn;
-    # no dead class pass. The alarm row, and only it, is red; the warn rows amber.
+    # spread 0.73 - 0.41 = 0.32 > 5% alarm; Normal/Mild recall 0.95 > 90% alarm; loss gap
+    # 0.22 - 0.20 = 0.02 < 0.05 pass; Moderate 0.5 (not > 50%, not < 30%) warn; Severe 0.6
+    # pass. The alarm rows, and only they, are red; the warn row amber.
     health = json.loads((run / "health.json").read_text())
     assert {it["item"]: it["status"] for it in health["items"]} == {
-        "min class recall": "pass", "BA spread": "warn", "Normal/Mild recall": "alarm",
-        "train-val loss gap": "pass", "Moderate & Severe recall (min)": "warn",
-        "dead classes": "pass"}
+        "Min class recall": "pass", "Balanced accuracy": "alarm", "Normal/Mild recall": "alarm",
+        "Train-val loss gap": "pass", "Moderate recall": "warn", "Severe recall": "pass"}
     alarm_rows = re.findall(r'<tr style="background:#f8d7da"><td class="l">([^<]*)</td>', page)
-    assert alarm_rows == ["Normal/Mild recall"]
+    assert alarm_rows == ["Balanced accuracy", "Normal/Mild recall"]
     warn_rows = re.findall(r'<tr style="background:#fff3cd"><td class="l">([^<]*)</td>', page)
-    assert warn_rows == ["BA spread", "Moderate &amp; Severe recall (min)"]
+    assert warn_rows == ["Moderate recall"]
     assert len(re.findall(r'<tr style="background:#d4edda">', page)) == 3
+    # The BA row shows the spread (0.32) and the std of 0.41 .. 0.73 (population, by hand).
+    bas = [0.41, 0.62, 0.71, 0.69, 0.73]
+    std = (sum((b - sum(bas) / 5) ** 2 for b in bas) / 5) ** 0.5
+    assert f"<td>0.32</td><td>{std:.4g}</td>" in page
+    assert "<th>healthy range</th><th>alarm</th>" in page
     for name in ("loss", "recall", "confusion_best", "slice_weights", "confusion_eval"):
         assert (run / "plots" / f"{name}.png").stat().st_size > 1000
 
@@ -72,3 +76,30 @@ def test_report_with_only_a_config(tmp_path):
     page = build_report(tmp_path).read_text()
     assert "No health table recorded" in page
     assert "<img" not in page
+
+
+def test_report_labels_every_number_and_names_the_run(tmp_path):
+    (tmp_path / "run").mkdir()
+    run = _fake_run(tmp_path / "run")
+    (run / "config.yaml").write_text("name: demo\n")
+    (run / "run.json").write_text(json.dumps({"fold": 2, "backbone_weights": {
+        "source": "file", "detail": "/w/effnet.pth", "sha256": "ab12", "backbone": "tiny",
+        "timm_version": "1.0", "random_stem_channels": 0}}))
+    (run / "final.json").write_text(json.dumps({"final_checkpoint": "swa", "swa": {
+        "balanced_accuracy": 0.7, "n_averaged": 4}}))
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    metrics.update(checkpoint="swa", scored="validation fold 2", competition_score=0.41,
+                   competition={"spinal": 0.3, "any_severe_spinal": 0.52, "foraminal": None,
+                                "score": 0.41})
+    (run / "eval" / "metrics.json").write_text(json.dumps(metrics))
+    page = build_report(run).read_text()
+    assert "<h1>spinegrade run: demo, fold 2</h1>" in page   # not the folder name 'run'
+    assert "weights: local file /w/effnet.pth (sha256 ab12)" in page
+    assert "Final model: the <b>swa</b> checkpoint" in page
+    assert "SWA model val BA<b>0.700</b>4 epochs averaged, no TTA" in page
+    assert "evaluate BA (swa checkpoint)<b>0.750</b>TTA, 19 samples" in page
+    assert ("competition score (partial)<b>0.4100</b>mean of spinal + any severe spinal only "
+            "(this condition), on validation fold 2; lower is better") in page
+    # Figures keep their aspect ratio in the flex row (no stretched heights).
+    assert ".figs img{width:540px;max-width:100%;height:auto" in page
+    assert "align-items:flex-start" in page

@@ -258,3 +258,49 @@ def test_cli_help_and_labels_only_run(tmp_path, capsys):
     assert main([*args, "--overwrite"]) == 0
     assert "not empty" in capsys.readouterr().err
     assert main(["synth", str(tmp_path / "z"), "--studies", "0"]) == 2
+
+
+def test_difficulty_levels_overlap_and_reader_noise():
+    from spinegrade import choices
+    from spinegrade.data.synthetic import DIFFICULTIES, GRADE_RANGES
+    from spinegrade.data.synthetic import labels as L
+
+    assert tuple(DIFFICULTIES) == choices.SYNTH_DIFFICULTIES
+    assert DIFFICULTIES["easy"].grade_ranges == GRADE_RANGES == (
+        (0.0, 0.34), (0.30, 0.62), (0.58, 0.95))   # the demo's data, as before
+    overlap = {name: d.grade_ranges[0][1] - d.grade_ranges[1][0] for name, d in DIFFICULTIES.items()}
+    assert overlap["easy"] < overlap["realistic"] < overlap["hard"]
+    rng = np.random.default_rng(0)
+    grades = rng.integers(0, 3, (200, 50))
+    for name, rate in (("easy", 0.0), ("realistic", 0.10), ("hard", 0.20)):
+        d = DIFFICULTIES[name]
+        assert d.label_noise == rate
+        latent = L.sample_latent(rng, grades, d.grade_ranges)
+        read = L.reader_labels(np.random.default_rng(1), grades, latent, d)
+        changed = read != grades
+        assert abs(changed.mean() - rate) < 0.01, name          # 10,000 cells
+        assert (np.abs(read - grades) <= 1).all()                # only to a neighbour
+        assert ((read >= 0) & (read <= 2)).all()
+        # Moderate moves towards the side its latent narrowing is nearer.
+        lo, hi = d.grade_ranges[1]
+        moved = changed & (grades == 1)
+        assert (read[moved & (latent < (lo + hi) / 2)] == 0).all()
+        assert (read[moved & (latent >= (lo + hi) / 2)] == 2).all()
+
+
+def test_hard_dataset_records_its_noise_and_easy_draws_no_noise(tmp_path):
+    opts = dict(labels_only=True)
+    easy = generate(tmp_path / "e", n_studies=80, seed=2, n_test=0, progress=False,
+                    options=SynthOptions(**opts))
+    hard = generate(tmp_path / "h", n_studies=80, seed=2, n_test=0, progress=False,
+                    options=SynthOptions(**opts, difficulty="hard"))
+    me = json.loads((tmp_path / "e" / "synthetic.json").read_text())["difficulty"]
+    mh = json.loads((tmp_path / "h" / "synthetic.json").read_text())["difficulty"]
+    assert me["relabelled_cells"] == 0 and me["label_noise"] == 0.0
+    assert abs(mh["relabelled_cells"] / mh["labelled_cells"] - 0.20) < 0.03
+    # Same seed: same studies and series, only the labels differ.
+    assert easy.train_ids == hard.train_ids
+    assert (tmp_path / "e" / "train.csv").read_text() != (tmp_path / "h" / "train.csv").read_text()
+    with pytest.raises(UserError, match="difficulty"):
+        generate(tmp_path / "x", n_studies=1, progress=False,
+                 options=SynthOptions(difficulty="brutal"))

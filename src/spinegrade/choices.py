@@ -20,22 +20,35 @@ INPUT_MODES: tuple[str, ...] = ("slices", "channels")
 SLICE_CHANNELS: tuple[str, ...] = ("first", "mean")
 # models/factory.py: head_prior_bias.
 BIAS_INITS: tuple[str, ...] = ("fixed", "log_prior", "zero")
+# models/factory.py: the head's final layer (prior: tiny weights + prior bias; random).
+HEAD_INITS: tuple[str, ...] = ("prior", "random")
+# models/backbone.py: a >3-channel stem from RGB weights.
+STEM_INITS: tuple[str, ...] = ("adapt", "rgb_plus_random")
 
 # --- training -------------------------------------------------------------------------------
 # losses.py: build_loss.
 LOSSES: tuple[str, ...] = ("weighted_ce", "coral_ce", "focal_ordinal")
+# losses.py: CompetitionWeightedCE's focal modulation.
+FOCAL_FORMS: tuple[str, ...] = ("textbook", "plan")
+# engine/schedule.py: the fine-tuning learning-rate curve.
+LR_SCHEDULES: tuple[str, ...] = ("cosine", "cosine_restarts")
 # engine/loop.py: the training sampler.
 SAMPLERS: tuple[str, ...] = ("shuffle", "weighted")
 # engine/train.py: SELECT_METRICS (which also says whether larger is better).
 SELECT_METRICS: tuple[str, ...] = ("balanced_accuracy", "weighted_logloss", "val_loss")
-# engine/train.py: what a run of dead-class epochs triggers.
-DEAD_CLASS_ACTIONS: tuple[str, ...] = ("warn", "reset_bias", "stop")
+# engine/train.py: what a run of dead-class epochs triggers. reset_bias_boost (v8 default):
+# head bias back to the prior and head LR x train.dead_class_lr_boost for the next epoch.
+DEAD_CLASS_ACTIONS: tuple[str, ...] = ("reset_bias_boost", "reset_bias", "warn", "stop")
 # engine/run_folder.py: the checkpoint files of a run folder.
 CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
 
 # --- data (registries in data/preprocess.py) -------------------------------------------------
 WINDOW_PRESETS: tuple[str, ...] = ("fixed", "percentile")
+WINDOW_CHANNELS: tuple[str, ...] = ("three", "single")
 RESIZE_INTERPOLATIONS: tuple[str, ...] = ("area", "linear")
+
+# --- synthetic data (data/synthetic/labels.py: DIFFICULTIES) ----------------------------------
+SYNTH_DIFFICULTIES: tuple[str, ...] = ("easy", "realistic", "hard")
 
 # --- prediction (engine/predict.py) -----------------------------------------------------------
 PREDICT_FALLBACKS: tuple[str, ...] = ("prior",)

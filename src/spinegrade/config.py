@@ -53,6 +53,9 @@ class DataConfig:
     # "fixed": the seed's CT-style windows; "percentile": per-slice intensity percentiles.
     window_preset: str = "fixed"
     soft_window: tuple[float, float] = (50.0, 350.0)  # (center, width)
+    # "three": the preset's three windows as RGB (v8); "single": its first window repeated
+    # on all three channels (v4-v7, which the plan says used one intensity window).
+    window_channels: str = "three"
     bone_window: tuple[float, float] = (400.0, 2000.0)
     # Percentile windows (low, high) for the "percentile" preset's first two channels.
     percentile_windows: tuple[tuple[float, float], ...] = ((1.0, 99.0), (5.0, 99.8))
@@ -98,6 +101,12 @@ class ModelConfig:
     bias_init: str = "fixed"
     prior_logits: tuple[float, ...] = PRIOR_LOGITS
     coral_prior_logits: tuple[float, ...] = CORAL_PRIOR_LOGITS
+    # prior: final layer weights std 1e-3, bias = bias_init (v8); random: nn.Linear's default
+    # initialisation of weights and bias (v4, v5, v7); bias_init is still the dead-class reset.
+    head_init: str = "prior"
+    # input_mode=channels with pretrained weights: adapt (RGB filters repeated over the 7
+    # channels) | rgb_plus_random (v7: channels 3-6 lose their pretrained filters).
+    stem_init: str = "adapt"
     # v4: auxiliary heads (level and centre-slice-offset prediction).
     aux_heads: bool = False
     grad_checkpointing: bool = False
@@ -113,6 +122,9 @@ class LossConfig:
     use_class_weights: bool = True
     # 0 disables focal modulation; the plan's optional value is 1.5.
     focal_gamma: float = 0.0
+    # textbook: (1 - p_y)^gamma on the class-weighted CE; plan: the plan's snippet,
+    # pt = exp(-weighted CE) = p_y^w, so (1 - p_y^w)^gamma (docs/models.md).
+    focal_form: str = "textbook"
     aux_weight: float = 0.0
     ordinal_weight: float = 0.0
     label_smoothing: float = 0.0
@@ -129,6 +141,11 @@ class TrainConfig:
     backbone_lr: float = 1e-5
     head_lr: float = 1e-4
     min_lr: float = 1e-6
+    # cosine: one decay over fine-tuning (v8); cosine_restarts: SGDR warm restarts, the first
+    # cycle lr_restart_epochs long, each next one lr_restart_mult times longer (v4-v7).
+    lr_schedule: str = "cosine"
+    lr_restart_epochs: int = 5
+    lr_restart_mult: int = 1
     weight_decay: float = 1e-2
     grad_clip: float = 1.0
     swa: bool = True
@@ -150,9 +167,12 @@ class TrainConfig:
     deterministic: bool = False
     device: str = "auto"
     select_metric: str = "balanced_accuracy"
-    # warn | reset_bias | stop, after dead_class_patience consecutive dead epochs.
-    dead_class_action: str = "warn"
+    # After dead_class_patience consecutive epochs with no prediction of some class:
+    # reset_bias_boost (head bias -> prior, head LR x dead_class_lr_boost for one epoch)
+    # | reset_bias | warn | stop. See docs/models.md "Dead-class action".
+    dead_class_action: str = "reset_bias_boost"
     dead_class_patience: int = 2
+    dead_class_lr_boost: float = 10.0
     log_every: int = 20
 
 
@@ -164,15 +184,18 @@ class EvalConfig:
     tta: bool = True
     tta_brightness: tuple[float, ...] = (0.9, 1.1)
     tta_scales: tuple[float, ...] = (0.9, 1.1)
-    min_recall: float = 0.30
+    # The plan's "Metrics to watch" (engine/monitor.py): healthy range, then alarm.
+    min_recall: float = 0.30  # min class recall > 30% by epoch 3 ...
     min_recall_by_epoch: int = 3
-    ba_spread_max: float = 0.03
+    min_recall_alarm: float = 0.0  # ... alarm: 0% recall for any class at any epoch
+    ba_spread_max: float = 0.03  # BA stable within 3% over the last 5 epochs ...
+    ba_spread_alarm: float = 0.05  # ... alarm: swings > 5% (unstable)
     ba_spread_window: int = 5
     normal_recall_range: tuple[float, float] = (0.75, 0.85)
-    normal_recall_alarm: float = 0.90
+    normal_recall_alarm: float = 0.90  # collapsing to the majority class
     loss_gap_max: float = 0.05
-    loss_gap_alarm: float = 0.10
-    minority_recall_target: float = 0.50
+    loss_gap_alarm: float = 0.10  # overfitting
+    minority_recall_target: float = 0.50  # Moderate and Severe, each
     minority_recall_alarm: float = 0.30
 
 
@@ -267,6 +290,7 @@ class Config:
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.condition": CONDITIONS,
     "data.window_preset": choices.WINDOW_PRESETS,
+    "data.window_channels": choices.WINDOW_CHANNELS,
     "data.resize_interpolation": choices.RESIZE_INTERPOLATIONS,
     "model.input_mode": choices.INPUT_MODES,
     "model.aggregator": choices.AGGREGATORS,
@@ -274,8 +298,12 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.slice_channel": choices.SLICE_CHANNELS,
     "model.head": choices.HEADS,
     "model.bias_init": choices.BIAS_INITS,
+    "model.head_init": choices.HEAD_INITS,
+    "model.stem_init": choices.STEM_INITS,
     "loss.name": choices.LOSSES,
+    "loss.focal_form": choices.FOCAL_FORMS,
     "train.sampler": choices.SAMPLERS,
+    "train.lr_schedule": choices.LR_SCHEDULES,
     "train.select_metric": choices.SELECT_METRICS,
     "train.dead_class_action": choices.DEAD_CLASS_ACTIONS,
     "predict.fallback": choices.PREDICT_FALLBACKS,

@@ -13,6 +13,11 @@ the competition's sample weights) and focusing parameter ``gamma``::
 With ``gamma = 0`` this is ``F.cross_entropy(logits, y, weight=w)`` exactly (its 'mean'
 reduction also divides by the summed weights). Soft targets: ``w[y_b]`` becomes
 ``q_bc * w[c]`` summed over classes c.
+
+``focal_form="plan"`` is the plan's snippet, which takes ``pt = exp(-ce)`` of the already
+class-weighted CE, so ``pt = p ** w`` and the modulation is ``(1 - p_b[y_b] ** w[y_b]) **
+gamma``: a Severe sample (w = 4) counts as less well classified than its probability says.
+Both forms are equal when all weights are 1 (docs/models.md).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from spinegrade.choices import FOCAL_FORMS
 from spinegrade.config import ConfigError, LossConfig
 from spinegrade.constants import CLASS_WEIGHTS
 from spinegrade.models.heads import coral_to_probs
@@ -64,10 +70,14 @@ class CompetitionWeightedCE(nn.Module):
     """
 
     def __init__(self, class_weights: Sequence[float] | None = CLASS_WEIGHTS, gamma: float = 0.0,
-                 label_smoothing: float = 0.0, num_classes: int = len(CLASS_WEIGHTS)) -> None:
+                 label_smoothing: float = 0.0, num_classes: int = len(CLASS_WEIGHTS),
+                 focal_form: str = "textbook") -> None:
         super().__init__()
+        if focal_form not in FOCAL_FORMS:
+            raise ConfigError(f"loss.focal_form: '{focal_form}' is not one of {', '.join(FOCAL_FORMS)}")
         self.register_buffer("class_weights", _class_weights(class_weights, num_classes))
         self.gamma, self.label_smoothing, self.num_classes = gamma, label_smoothing, num_classes
+        self.focal_form = focal_form
 
     def forward(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """Loss for (B, C) logits and (B,) or (B, C) targets."""
@@ -78,8 +88,10 @@ class CompetitionWeightedCE(nn.Module):
         q = soft_targets(target, self.num_classes, self.label_smoothing)
         nll = -log_probs
         if self.gamma > 0:
+            # plan: pt = exp(-w * nll) = p ** w, the snippet's exp(-weighted ce)
+            scale = self.class_weights.to(log_probs.device) if self.focal_form == "plan" else 1.0
             # clamp: (1 - p) ** gamma has an infinite slope at p = 1 for gamma < 1
-            nll = nll * (1 - log_probs.exp()).clamp_min(1e-12) ** self.gamma
+            nll = nll * (1 - (log_probs * scale).exp()).clamp_min(1e-12) ** self.gamma
         return weighted_mean(nll, q, self.class_weights)
 
 
@@ -224,7 +236,8 @@ def build_loss(cfg: LossConfig, head: str = "softmax") -> GradingLoss:
                           "term; use focal_ordinal or coral_ce")
     weights = cfg.class_weights if cfg.use_class_weights else None
     num_classes = len(cfg.class_weights)
-    main = CompetitionWeightedCE(weights, cfg.focal_gamma, cfg.label_smoothing, num_classes)
+    main = CompetitionWeightedCE(weights, cfg.focal_gamma, cfg.label_smoothing, num_classes,
+                                 cfg.focal_form)
     ordinal: nn.Module | None = None
     if cfg.ordinal_weight > 0:
         ordinal_cls = CoralLoss if head == "coral" else CumulativeOrdinalLoss

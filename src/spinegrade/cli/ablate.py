@@ -19,7 +19,13 @@ def register(sub: argparse._SubParsersAction) -> None:
             "BA, dead classes, per-class recall at the best epoch, weighted log loss) and "
             "curves.png (BA and per-class recall per epoch for every version)."),
     )
-    p.add_argument("--cache", required=True, type=Path, help="crop cache made by 'prepare'")
+    p.add_argument("--cache", required=True, type=Path,
+                   help="crop cache made by 'prepare', or a folder of caches (one per set of "
+                        "data settings: v4-v7 crop differently from v8)")
+    p.add_argument("--data", type=Path, default=None, metavar="DATA",
+                   help="RSNA-format data folder: prepare each version's missing cache into "
+                        "--cache from it (resumable, reused on reruns)")
+    p.add_argument("--workers", type=int, default=1, help="processes for preparing caches (1)")
     p.add_argument("--configs", nargs="*", default=[], metavar="YAML",
                    help="configs to compare, e.g. configs/v4.yaml ... configs/v8.yaml")
     p.add_argument("--out", required=True, type=Path, help="output folder (runs/ + tables)")
@@ -51,8 +57,9 @@ def run(args: argparse.Namespace) -> int:
 
     if not args.configs and not args.one_factor:
         raise UserError("nothing to compare: give --configs and/or --one-factor")
-    if not args.cache.exists():
-        raise UserError(f"cache not found: {args.cache} (make one with 'spinegrade prepare')")
+    if not args.cache.exists() and args.data is None:
+        raise UserError(f"cache not found: {args.cache} (make one with 'spinegrade prepare', "
+                        "or pass --data DATA to prepare it here)")
     check_output_dir(args.out)
     start = time.perf_counter()
     runs = ablate.plan_runs(args.configs, _parse_folds(args.folds), args.out,
@@ -62,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
     def train_fn(cfg, cache, run_dir, fold):
         fit(cfg, cache, run_dir, resume=True)
 
-    ablate.execute(runs, args.cache, train_fn)
+    ablate.execute(runs, lambda cfg: ablate.cache_for(cfg, args.cache, args.data, args.workers),
+                   train_fn)
     table = ablate.write_outputs(runs, args.out)
     print()
     print(ablate.to_markdown(table))

@@ -136,8 +136,9 @@ def _print_summary(ev: dict, report: str, times: dict[str, float], wall: float, 
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
     print("\n=== spinegrade demo ===")
     print(f"stage times: {stages} (this invocation: {wall:.0f} s)")
-    print(f"validation ({ckpt} checkpoint, {'TTA' if ev['tta'] else 'no TTA'}, "
-          f"{ev['n_samples']} samples): balanced accuracy {ev['balanced_accuracy']:.3f}; "
+    print(f"final model ({ckpt} checkpoint) on the validation fold, "
+          f"{'TTA' if ev['tta'] else 'no TTA'}, {ev['n_samples']} samples: "
+          f"balanced accuracy {ev['balanced_accuracy']:.3f}; "
           f"recall {recall}; weighted log loss {ev['weighted_logloss']:.3f}")
     print(f"dead classes: {', '.join(dead) if dead else 'none'}")
     print(f"report: {report}")

@@ -23,8 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("run", help="training run folder")
     p.add_argument("--cache", default=None,
                    help="crop cache to score entirely (default: the run's own validation fold)")
-    p.add_argument("--checkpoint", choices=CHECKPOINT_NAMES, default="best",
-                   help="which checkpoint of the run (default: best)")
+    p.add_argument("--checkpoint", choices=("final", *CHECKPOINT_NAMES), default="final",
+                   help="which checkpoint of the run (default: final, the one final.json names: "
+                        "SWA when it ran, else best; the model of oof.csv and of predict)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="score the plain view only")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
     p.set_defaults(func=run)
@@ -40,12 +41,13 @@ def run(args: argparse.Namespace) -> int:
     recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
                        for k, v in m["recall"].items())
     ba = m["balanced_accuracy"]
-    print(f"{args.checkpoint} (epoch {m['checkpoint_epoch']}) on {m['scored']}, "
+    print(f"{m['checkpoint']} checkpoint (epoch {m['checkpoint_epoch']}) on {m['scored']}, "
           f"{'TTA ' + str(m['tta_views']) + ' views' if m['tta'] else 'no TTA'}: "
           f"{m['n_samples']} samples, BA {ba if ba is None else f'{ba:.4f}'}, recall {recall}, "
           f"weighted log loss {m['weighted_logloss']:.4f}")
     print(f"confusion (rows true): {m['confusion_matrix']}")
     parts = ", ".join(f"{k} {v:.4f}" for k, v in m["competition"].items()
                       if isinstance(v, float) and k != "score")
-    print(f"competition metric on these predictions ({parts}): score {m['competition_score']:.4f}")
+    print(f"competition metric, this condition's part(s) only, on these predictions ({parts}): "
+          f"score {m['competition_score']:.4f}")
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from spinegrade.choices import SYNTH_DIFFICULTIES
 from spinegrade.constants import CONDITIONS, SEVERITIES
 from spinegrade.data.synthetic import SynthOptions, generate
 from spinegrade.errors import UserError
@@ -51,6 +52,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-matrix", type=int, default=None, metavar="PX",
                    help="cap image rows/columns at PX (coarser pixels, same field of view); "
                         "default: realistic 256-640")
+    p.add_argument("--difficulty", choices=SYNTH_DIFFICULTIES, default="easy",
+                   help="easy (default, the demo's data): grades barely overlap, labels exact; "
+                        "realistic: neighbouring grades overlap, 10%% of labels moved to a "
+                        "neighbouring grade (reader disagreement); hard: more overlap, 20%%")
     p.add_argument("--labels-only", action="store_true",
                    help="write the CSVs (same labels and coordinates) but no DICOM files")
     p.add_argument("--overwrite", action="store_true",
@@ -92,7 +97,8 @@ def run(args: argparse.Namespace) -> int:
         args.out, args.studies, args.seed, n_test=args.test_studies,
         class_balance=parse_balance(args.balance), progress=not args.no_progress,
         workers=args.workers, overwrite=args.overwrite, preview=preview,
-        options=SynthOptions(max_matrix=args.max_matrix, labels_only=args.labels_only),
+        options=SynthOptions(max_matrix=args.max_matrix, labels_only=args.labels_only,
+                             difficulty=args.difficulty),
     )
     n = len(summary.train_ids) + len(summary.test_ids)
     print(f"wrote {len(summary.train_ids)} train + {len(summary.test_ids)} test studies, "

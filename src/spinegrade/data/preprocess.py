@@ -391,7 +391,10 @@ def build_cropper(data_cfg: Any) -> VolumeCropper:
         first = [PercentileWindow(*p) for p in data_cfg.percentile_windows[:2]]
     else:
         raise ValueError(f"unknown window_preset {data_cfg.window_preset!r}")
-    windows = WindowStack([*first, FileWindow(fallback)])
+    channels = [*first, FileWindow(fallback)]
+    # "single" (v4-v7): one intensity window, repeated so the crops stay 3-channel.
+    single = data_cfg.window_channels == "single"
+    windows = WindowStack([channels[0]] * 3 if single else channels)
     return VolumeCropper(
         SliceTransform(windows, Clahe(data_cfg.clahe_clip_limit, data_cfg.clahe_tile_grid)),
         CropResize(data_cfg.img_size, data_cfg.resize_interpolation),

@@ -1,13 +1,19 @@
 """Re-run the version comparison (v4-v8) and one-factor ablations of v8 on the same folds.
 
 Each (config, fold) pair trains into ``OUT/runs/<label>/fold<k>``; a run whose metrics.csv
-already covers every epoch is reused, not repeated. The summary table follows the seed's
+already covers every epoch is reused, not repeated. Versions whose crops differ (v4-v7 crop
+tighter and use one intensity window) need their own crop cache: :func:`cache_for` finds the
+cache of each config's data settings under a cache root, and prepares it from the data
+folder when it is missing. The summary table follows the seed's
 form: version, architecture, loss, best BA (mean +- std over folds), epoch of best BA, dead
-classes, per-class recall at the best epoch, competition-weighted log loss.
+classes, per-class recall at the best epoch, competition-weighted log loss; plus the
+validation BA of each run's final model (SWA when it ran), the one evaluate and predict use.
+Every BA is on the validation fold without TTA; std is over folds (population, ddof 0).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import time
@@ -20,7 +26,9 @@ import pandas as pd
 
 from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_NAMES
+from spinegrade.data.cache import META_FILE, cache_key, resolve_cache_dir
 from spinegrade.engine.run_folder import RunFolder
+from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
 from spinegrade.report.ablate import plot_version_curves
 
@@ -106,8 +114,40 @@ def run_is_finished(run_dir: Path, epochs: int) -> bool:
     return len(metrics) > 0 and int(metrics["epoch"].max()) >= epochs
 
 
-def execute(runs: Sequence[PlannedRun], cache: Path, train_fn: TrainFn) -> pd.DataFrame:
-    """Train every planned run that is not finished yet; return what happened to each."""
+def cache_for(cfg: Config, cache: Path, data_dir: Path | None = None, workers: int = 1) -> Path:
+    """The crop cache for ``cfg.data``'s pixel settings.
+
+    ``cache`` is a cache folder, or a root holding caches named by their key (what
+    ``spinegrade prepare --out ROOT`` makes). A missing one is prepared into the root from
+    ``data_dir`` when given (resumable, reused next time).
+
+    Raises:
+        UserError: no cache with these settings and no data folder to prepare one from.
+    """
+    settings = dataclasses.asdict(cfg.data)
+    if (cache / META_FILE).is_file():
+        return cache
+    keyed = cache / cache_key(settings)
+    if data_dir is not None:
+        from spinegrade.data.prepare import prepare
+
+        return prepare(data_dir, cache, settings, workers=workers)
+    if (keyed / META_FILE).is_file():
+        return keyed
+    try:
+        return resolve_cache_dir(cache)
+    except UserError:
+        raise UserError(f"{cache} holds no crop cache for {cfg.name}'s data settings "
+                        f"({keyed.name}); pass --data DATA to prepare it, or run 'spinegrade "
+                        f"prepare DATA --out {cache} --config <{cfg.name}'s config>'") from None
+
+
+def execute(runs: Sequence[PlannedRun], cache: Path | Callable[[Config], Path],
+            train_fn: TrainFn) -> pd.DataFrame:
+    """Train every planned run that is not finished yet; return what happened to each.
+
+    ``cache`` is one cache for every run, or a function of the run's config (:func:`cache_for`).
+    """
     rows = []
     for i, run in enumerate(runs, start=1):
         tag = f"[{i}/{len(runs)}] {run.label} fold {run.fold}"
@@ -117,7 +157,7 @@ def execute(runs: Sequence[PlannedRun], cache: Path, train_fn: TrainFn) -> pd.Da
             continue
         print(f"{tag}: training -> {run.run_dir}", flush=True)
         start = time.perf_counter()
-        train_fn(run.cfg, cache, run.run_dir, run.fold)
+        train_fn(run.cfg, cache(run.cfg) if callable(cache) else cache, run.run_dir, run.fold)
         seconds = time.perf_counter() - start
         print(f"{tag}: done in {seconds:.0f} s", flush=True)
         rows.append(dict(label=run.label, fold=run.fold, status="trained", seconds=seconds))
@@ -134,6 +174,22 @@ def dead_class_epochs(metrics: pd.DataFrame) -> dict[str, list[int]]:
             if epochs:
                 dead[name] = epochs
     return dead
+
+
+def final_model_ba(run_dir: Path) -> tuple[float, str]:
+    """Validation BA (no TTA) of the run's final model and its checkpoint name, from
+    final.json (SWA's own metrics when it ran; NaN and '' when the run has no final.json)."""
+    folder = RunFolder(run_dir)
+    if not folder.final.is_file():
+        return float("nan"), ""
+    final = json.loads(folder.final.read_text())
+    name = str(final.get("final_checkpoint", ""))
+    if name == "swa" and isinstance(final.get("swa"), dict):
+        return float(final["swa"]["balanced_accuracy"]), name
+    metrics = pd.read_csv(folder.metrics)
+    epoch = final.get("best_epoch") if name == "best" else int(metrics["epoch"].max())
+    row = metrics.loc[metrics["epoch"] == epoch, "balanced_accuracy"]
+    return (float(row.iloc[0]) if len(row) else float("nan")), name
 
 
 def summarize_run(metrics: pd.DataFrame) -> dict:
@@ -191,11 +247,16 @@ def build_table(runs: Sequence[PlannedRun]) -> pd.DataFrame:
         group = [r for r in runs if r.label == label]
         summaries = [summarize_run(_read_metrics(r)) for r in group]
         bas = np.array([s["best_ba"] for s in summaries])
+        finals = [final_model_ba(r.run_dir) for r in group]
+        final_bas = np.array([f[0] for f in finals])
+        names = "/".join(sorted({f[1] for f in finals if f[1]})) or "n/a"
         row = {
             "Version": label,
             "Architecture": describe_architecture(group[0].cfg),
             "Loss": describe_loss(group[0].cfg),
             "Best BA": f"{bas.mean():.3f} ± {bas.std():.3f}",
+            "Final-model BA": (f"{final_bas.mean():.3f} ± {final_bas.std():.3f} ({names})"
+                               if not np.isnan(final_bas).any() else "n/a"),
             "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
             "Dead class?": _format_dead([s["dead"] for s in summaries]),
         }

@@ -59,7 +59,7 @@ def _rows_to_score(run: RunFolder, cache_arg: str | Path | None, fold: int
     return cache, cache.index["row"].to_numpy(), f"all of {path}"
 
 
-def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoint: str = "best",
+def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoint: str = "final",
                  tta: bool = True, out_dir: str | Path | None = None) -> dict[str, Any]:
     """Score ``checkpoint`` of a run and write metrics.json, predictions.csv and figures.
 
@@ -67,7 +67,8 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
         run_dir: a training run folder.
         cache: another crop cache to score entirely; default the run's own cache, scored on
             its validation fold (passing the run's own cache also scores that fold).
-        checkpoint: best / last / swa.
+        checkpoint: final (the one ``final.json`` names: SWA when it ran, else best; the
+            model of oof.csv and of ``predict``'s default) / best / last / swa.
         tta: average the TTA views of ``eval.tta_brightness`` and ``eval.tta_scales``.
         out_dir: where to write (default ``run_dir/eval``).
 
@@ -75,6 +76,7 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
         The metrics written to metrics.json.
     """
     run = RunFolder(run_dir)
+    checkpoint = run.final_checkpoint() if checkpoint == "final" else checkpoint
     ck = rf.read_checkpoint(run.checkpoint(checkpoint))
     cfg = ck.cfg
     s = Settings.from_config(cfg, ck.fold)

@@ -46,7 +46,7 @@ from spinegrade.engine.loop import (
 )
 from spinegrade.engine.monitor import DeadClassMonitor, format_health, health_table
 from spinegrade.engine.run_folder import RunFolder
-from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer
+from spinegrade.engine.schedule import PhaseSchedule, apply_lrs, build_optimizer, scale_head_lr
 from spinegrade.engine.split import load_split, make_folds, rows_for_fold
 from spinegrade.engine.tta import predict_views
 from spinegrade.errors import UserError
@@ -60,11 +60,13 @@ KILL_ENV = "SPINEGRADE_KILL_AFTER_EPOCH"
 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                     loss_fn: nn.Module, schedule: PhaseSchedule, epoch: int, s: Settings,
-                    augment: BatchAugment | None, aug_gen: torch.Generator) -> dict[str, float]:
+                    augment: BatchAugment | None, aug_gen: torch.Generator,
+                    head_lr_scale: float = 1.0) -> dict[str, float]:
     """One pass over the training loader.
 
     ``model`` may be DDP-wrapped. The learning rates are set before every step from the
-    schedule; augmentation and mixup run here on the device, on whole batches.
+    schedule (the head's times ``head_lr_scale``: the dead-class boost); augmentation and
+    mixup run here on the device, on whole batches.
 
     Returns:
         ``train_loss`` (sample-weighted mean over all processes), ``n`` and ``seconds``.
@@ -73,7 +75,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     start = time.perf_counter()
     loss_sum, n_seen = 0.0, 0
     for step, batch in enumerate(loader):
-        apply_lrs(optimizer, schedule.lrs(epoch, step))
+        apply_lrs(optimizer, scale_head_lr(schedule.lrs(epoch, step), head_lr_scale))
         x = to_model_input(batch["image"], s.device)
         targets = {"label": batch["label"].to(s.device), "level": batch["level"].to(s.device)}
         if augment is not None:
@@ -146,10 +148,13 @@ class RunState:
     best_metric: float = -float("inf")
     best_epoch: int = 0
     stopped: bool = False
+    # Epoch whose head LR is boosted by the dead-class action (0: none).
+    boost_epoch: int = 0
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "history": self.history, "best_metric": self.best_metric,
-                "best_epoch": self.best_epoch, "stopped": self.stopped}
+                "best_epoch": self.best_epoch, "stopped": self.stopped,
+                "boost_epoch": self.boost_epoch}
 
 
 @dataclass
@@ -262,9 +267,11 @@ def _setup(cfg: Config, cache: Any, run: RunFolder, fold: int, resume: bool,
                 augment=_make_augment(cfg) if cfg.train.augment else None,
                 aug_gen=torch.Generator().manual_seed(cfg.train.seed * 1000 + 17 + s.rank))
     if s.is_main:
-        rerun.start_outputs(run, cfg, split, restart, rf.run_info(
-            cache, fold, s.world_size, str(s.device), len(train_rows), len(val_rows),
-            torch.__version__))
+        info = rf.run_info(cache, fold, s.world_size, str(s.device), len(train_rows),
+                           len(val_rows), torch.__version__)
+        weights = getattr(model, "backbone_weights", None)
+        info["backbone_weights"] = weights.as_dict() if weights is not None else None
+        rerun.start_outputs(run, cfg, split, restart, info)
     dist_util.barrier()
     last = run.checkpoint("last")
     if resume and last.is_file():
@@ -298,9 +305,10 @@ def _run_epoch(t: Trainer, epoch: int) -> None:
         t.model.set_backbone_trainable(trainable)
         # DDP registers only parameters that require grad, so re-wrap when that set changes.
         t.ddp = _wrap_ddp(t.model, t.s)
-    lrs = t.schedule.lrs(epoch, 0)
+    boost = t.cfg.train.dead_class_lr_boost if t.state.boost_epoch == epoch else 1.0
+    lrs = scale_head_lr(t.schedule.lrs(epoch, 0), boost)
     stats = train_one_epoch(t.ddp, t.loaders.train, t.optimizer, t.loss_fn, t.schedule, epoch,
-                            t.s, t.augment, t.aug_gen)
+                            t.s, t.augment, t.aug_gen, head_lr_scale=boost)
     dist_util.broadcast_buffers(t.model)
     pred = evaluate(t.model, t.loaders.val, t.loss_fn, t.s)
     row = _epoch_row(t, epoch, lrs, stats, pred)
@@ -332,9 +340,13 @@ def _wrap_ddp(model: nn.Module, s: Settings) -> nn.Module:
 
 
 def _apply_dead_class_action(t: Trainer, action: str, epoch: int) -> None:
-    if action == "reset_bias":
+    if action in ("reset_bias", "reset_bias_boost"):
         log.warning("epoch %d: resetting the head bias to the prior", epoch)
         t.model.reset_head_bias()
+    if action == "reset_bias_boost":
+        t.state.boost_epoch = epoch + 1  # why: docs/models.md, "Dead-class action"
+        log.warning("epoch %d: head learning rate x%g for epoch %d", epoch,
+                    t.cfg.train.dead_class_lr_boost, epoch + 1)
     elif action == "stop":
         log.warning("epoch %d: stopping training (train.dead_class_action=stop)", epoch)
         t.state.stopped = True
@@ -393,9 +405,8 @@ def _log_epoch(t: Trainer, epoch: int) -> None:
     dead = json.loads(r["dead_classes"])
     if dead:
         print(f"  WARNING: dead class(es) {', '.join(dead)}: no predictions this epoch", flush=True)
-    table = health_table(t.state.history, t.cfg.eval)
-    if any(it["status"] == "alarm" for it in table):
-        print(format_health([it for it in table if it["status"] == "alarm"]), flush=True)
+    print("  health (plan's metrics to watch):\n"
+          + format_health(health_table(t.state.history, t.cfg.eval)), flush=True)
     if t.writer is not None:
         for key in ("train_loss", "val_loss", "balanced_accuracy", "weighted_logloss",
                     "lr_backbone", "lr_head", *(f"recall_{c}" for c in CLASS_NAMES),
@@ -422,7 +433,7 @@ def _restore(t: Trainer, last: rf.RunCheckpoint) -> None:
     st = ck["state"]
     t.state = RunState(epoch=st["epoch"], history=list(st["history"]),
                        best_metric=st["best_metric"], best_epoch=st["best_epoch"],
-                       stopped=st["stopped"])
+                       stopped=st["stopped"], boost_epoch=st.get("boost_epoch", 0))
     if ck["schedule"]["steps_per_epoch"] != t.schedule.steps_per_epoch:
         log.warning("steps per epoch changed (%d -> %d): the cosine resumes on the new grid",
                     ck["schedule"]["steps_per_epoch"], t.schedule.steps_per_epoch)
@@ -470,13 +481,15 @@ def _load_weights(t: Trainer, name: str) -> nn.Module:
 
 
 def _print_summary(summary: dict) -> None:
-    print(f"best {summary['select_metric']} {summary['best_metric']:.4f} at epoch "
-          f"{summary['best_epoch']}", flush=True)
+    print(f"best epoch {summary['best_epoch']} by validation {summary['select_metric']} "
+          f"(no TTA): {summary['best_metric']:.4f}", flush=True)
     if "swa" in summary:
         sw = summary["swa"]
-        print(f"SWA over {sw['n_averaged']} epochs: BA {_fmt(sw['balanced_accuracy'])} "
-              f"weighted logloss {_fmt(sw['weighted_logloss'])} "
+        print(f"SWA model over {sw['n_averaged']} epochs, validation, no TTA: BA "
+              f"{_fmt(sw['balanced_accuracy'])} weighted logloss {_fmt(sw['weighted_logloss'])} "
               f"confusion {sw['confusion_matrix']}", flush=True)
+    print(f"final model: the {summary['final_checkpoint']} checkpoint (oof.csv; evaluate and "
+          "predict use it by default)", flush=True)
 
 
 __all__ = ["fit", "train_one_epoch", "evaluate", "KILL_ENV", "UserError"]

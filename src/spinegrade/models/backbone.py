@@ -7,7 +7,9 @@ initialisation, either requested or because the hub could not be reached).
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
+import hashlib
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -29,12 +31,51 @@ _STATE_DICT_KEYS = ("state_dict", "model", "model_state", "state_dict_ema", "mod
 
 @dataclass(frozen=True)
 class BackboneWeights:
-    """Where a backbone's weights came from, for the run record and the log."""
+    """Where a backbone's weights came from, for run.json, the report and the log.
+
+    ``source`` is ``file`` (``detail`` = the path, ``sha256`` its digest), ``hub`` (``detail``
+    = the timm hub tag, e.g. ``timm/tf_efficientnetv2_s.in21k_ft_in1k``, with
+    ``timm_version``) or ``random`` (``detail`` = why: not requested, or the hub error).
+    """
 
     source: str  # "file" | "hub" | "random"
     detail: str  # path, hub tag, or why the backbone is random
     missing_keys: tuple[str, ...] = ()
     unexpected_keys: tuple[str, ...] = ()
+    backbone: str = ""
+    sha256: str = ""
+    timm_version: str = timm.__version__
+    # Stem channels whose pretrained filters were replaced by random ones (v7's stem).
+    random_stem_channels: int = 0
+
+    def as_dict(self) -> dict:
+        """The plain record written to run.json (key lists shortened to counts)."""
+        return {"source": self.source, "detail": self.detail, "backbone": self.backbone,
+                "sha256": self.sha256 or None, "timm_version": self.timm_version,
+                "missing_keys": len(self.missing_keys),
+                "unexpected_keys": len(self.unexpected_keys),
+                "random_stem_channels": self.random_stem_channels}
+
+    def describe(self) -> str:
+        """One line for the report."""
+        if self.source == "file":
+            text = f"local file {self.detail} (sha256 {self.sha256})"
+        elif self.source == "hub":
+            text = f"timm hub {self.detail} (timm {self.timm_version})"
+        else:
+            text = f"random initialisation: {self.detail}"
+        if self.random_stem_channels:
+            text += f"; {self.random_stem_channels} stem channels randomly initialised"
+        return f"{self.backbone}: {text}" if self.backbone else text
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class Normalize(nn.Module):
@@ -92,6 +133,7 @@ def create_backbone(
     pretrained_path: str = "",
     in_chans: int = 3,
     drop_path_rate: float = 0.0,
+    stem_init: str = "adapt",
 ) -> tuple[nn.Module, BackboneWeights]:
     """Create a timm model without classifier (``num_classes=0``) that returns pooled features.
 
@@ -103,6 +145,10 @@ def create_backbone(
             the hub. The stem is adapted when the file has another number of input channels.
         in_chans: Input channels (3 for RGB slices, n_slices for the 2.5D stem of v7).
         drop_path_rate: Stochastic depth rate, where the architecture supports it.
+        stem_init: With ``in_chans > 3`` and pretrained weights: ``adapt`` repeats the RGB
+            filters over all channels (timm's ``adapt_input_conv``); ``rgb_plus_random`` keeps
+            them on channels 0-2 only and gives the others a fresh random initialisation
+            (v7 as the plan describes it: the pretrained weights of 4 of 7 channels discarded).
 
     Returns:
         The model and a record of where its weights came from.
@@ -111,6 +157,19 @@ def create_backbone(
     kwargs: dict = {"num_classes": 0, "in_chans": in_chans}
     if drop_path_rate > 0:
         kwargs["drop_path_rate"] = drop_path_rate
+    model, info = _load_weights(name, pretrained, pretrained_path, kwargs)
+    info = dataclasses.replace(info, backbone=name)
+    if stem_init == "rgb_plus_random" and in_chans > 3 and info.source != "random":
+        _discard_stem_channels(model, name, kwargs)
+        info = dataclasses.replace(info, random_stem_channels=in_chans - 3)
+        _log.info("backbone %s: stem channels 3-%d randomly initialised (model.stem_init="
+                  "rgb_plus_random)", name, in_chans - 1)
+    return model, info
+
+
+def _load_weights(name: str, pretrained: bool, pretrained_path: str, kwargs: dict
+                  ) -> tuple[nn.Module, BackboneWeights]:
+    """The model with weights from the file, the hub or nowhere, and exactly one log line."""
     if pretrained_path:
         model = timm.create_model(name, pretrained=False, **kwargs)
         info = load_backbone_weights(model, pretrained_path)
@@ -118,7 +177,8 @@ def create_backbone(
         if info.missing_keys or info.unexpected_keys:
             extra = (f"; missing keys {list(info.missing_keys)[:5]} ({len(info.missing_keys)}), "
                      f"unexpected keys {list(info.unexpected_keys)[:5]} ({len(info.unexpected_keys)})")
-        _log.info("backbone %s: loaded weights from file %s%s", name, pretrained_path, extra)
+        _log.info("backbone %s: loaded weights from file %s (sha256 %s)%s", name,
+                  pretrained_path, info.sha256, extra)
         return model, info
     if pretrained:
         try:
@@ -128,12 +188,31 @@ def create_backbone(
             _log.warning("backbone %s: RANDOMLY INITIALISED, pretrained weights could not be "
                          "fetched: %s. Set model.pretrained_path to a local weights file.", name, why)
             return timm.create_model(name, pretrained=False, **kwargs), BackboneWeights("random", why)
-        tag = model.pretrained_cfg.get("hf_hub_id") or model.pretrained_cfg.get("tag") or name
+        cfg = model.pretrained_cfg
+        tag = cfg.get("hf_hub_id") or cfg.get("tag") or name
+        if cfg.get("tag") and cfg.get("hf_hub_id") and "." not in str(cfg["hf_hub_id"]):
+            tag = f"{tag}.{cfg['tag']}"
         _log.info("backbone %s: loaded pretrained weights from the timm hub (%s)", name, tag)
         return model, BackboneWeights("hub", str(tag))
     _log.info("backbone %s: randomly initialised (model.pretrained=false)", name)
     return timm.create_model(name, pretrained=False, **kwargs), BackboneWeights(
         "random", "model.pretrained=false")
+
+
+@torch.no_grad()
+def _discard_stem_channels(model: nn.Module, name: str, kwargs: dict) -> None:
+    """Keep the pretrained RGB filters on stem channels 0-2; fresh random ones elsewhere."""
+    fresh = timm.create_model(name, pretrained=False, **kwargs).state_dict()
+    own = model.state_dict()
+    n = int(kwargs["in_chans"])
+    for conv in _first_convs(model):
+        key = f"{conv}.weight"
+        if key not in own:
+            continue
+        weight = own[key]
+        # adapt_input_conv repeated the RGB filters over n channels and scaled them by 3 / n.
+        weight[:, :3] = weight[:, :3] * (n / 3)
+        weight[:, 3:] = fresh[key][:, 3:]
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
@@ -194,7 +273,7 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> BackboneWeights
                         f"is it a checkpoint of another architecture?")
     result = model.load_state_dict(state, strict=False)
     return BackboneWeights(
-        "file", str(path),
+        "file", str(Path(path).resolve()), sha256=file_sha256(path),
         missing_keys=tuple(result.missing_keys),
         unexpected_keys=tuple(result.unexpected_keys) + tuple(f"{k} (shape)" for k in shape_mismatch),
     )

@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from spinegrade.config import ConfigError, ModelConfig
 from spinegrade.constants import NUM_CLASSES, NUM_LEVELS
 from spinegrade.models.backbone import create_backbone, normalization_stats
-from spinegrade.models.heads import coral_prior_logits, log_prior_logits
+from spinegrade.models.heads import coral_prior_logits, log_prior_logits, random_init_
 from spinegrade.models.net import SpineGrader
 
 _log = logging.getLogger(__name__)
@@ -56,7 +56,7 @@ def build_model(
     in_chans = n_slices if cfg.input_mode == "channels" else 3
     backbone, weights = create_backbone(
         cfg.backbone, pretrained=cfg.pretrained, pretrained_path=cfg.pretrained_path,
-        in_chans=in_chans, drop_path_rate=cfg.drop_path_rate)
+        in_chans=in_chans, drop_path_rate=cfg.drop_path_rate, stem_init=cfg.stem_init)
     mean, std = normalization_stats(backbone, in_chans)
     model = SpineGrader(
         backbone,
@@ -80,6 +80,8 @@ def build_model(
         num_levels=NUM_LEVELS,
         backbone_weights=weights,
     )
+    if cfg.head_init == "random":
+        random_init_(model.head)
     if cfg.grad_checkpointing:
         model.set_grad_checkpointing(True)
     return model

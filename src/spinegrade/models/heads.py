@@ -125,5 +125,19 @@ class CoralHead(nn.Module):
         return coral_to_probs(logits)
 
 
+@torch.no_grad()
+def random_init_(head: nn.Module) -> None:
+    """``model.head_init=random``: nn.Linear's default initialisation of the final layer.
+
+    Weights and bias uniform in +-1/sqrt(fan_in) (CORAL: its thresholds as well), so the
+    initial probabilities depend on the input and are not the prior; the prior stays in
+    ``prior_bias`` for ``reset_bias`` (the dead-class action).
+    """
+    head.fc.reset_parameters()
+    if isinstance(head, CoralHead):
+        bound = 1.0 / head.fc.in_features ** 0.5
+        head.bias.uniform_(-bound, bound)
+
+
 # model.head -> head class; the names are spinegrade.choices.HEADS, which config validation uses.
 HEAD_CLASSES: dict[str, type[nn.Module]] = {"softmax": ClassifierHead, "coral": CoralHead}

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import yaml
 
 from spinegrade.constants import CLASS_NAMES, SEVERITIES
 from spinegrade.engine import run_folder as rf
@@ -26,7 +27,8 @@ h1{margin-bottom:0}.sub{color:#666;margin-top:4px}
 table{border-collapse:collapse;font-size:13px;margin:8px 0}
 td,th{border:1px solid #ddd;padding:3px 8px;text-align:right}
 th{background:#f4f4f4}td.l{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:10px}.figs img{max-width:540px;border:1px solid #eee}
+.figs{display:flex;flex-wrap:wrap;gap:10px;align-items:flex-start}
+.figs img{width:540px;max-width:100%;height:auto;flex:0 0 auto;border:1px solid #eee}
 .alarm{color:#b00020;font-weight:bold}.scroll{overflow-x:auto}
 """
 
@@ -90,27 +92,45 @@ def _best_row(metrics: pd.DataFrame) -> int:
     return int(metrics[col].astype(float).idxmax())
 
 
-def _cards(metrics: pd.DataFrame | None, evaluation: dict | None) -> str:
+def _cards(metrics: pd.DataFrame | None, evaluation: dict | None, final: dict | None) -> str:
+    """Headline numbers, each saying which model, which data and whether TTA was used."""
     cards = []
     if metrics is not None and len(metrics) and "balanced_accuracy" in metrics:
         best = _best_row(metrics)
-        cards.append(("best val BA", f"{metrics.loc[best, 'balanced_accuracy']:.3f}",
-                      f"epoch {int(metrics.loc[best, 'epoch'])}"))
+        cards.append(("best-epoch val BA", f"{metrics.loc[best, 'balanced_accuracy']:.3f}",
+                      f"epoch {int(metrics.loc[best, 'epoch'])}, no TTA"))
         last = metrics.iloc[-1]
-        cards.append(("last val BA", f"{last['balanced_accuracy']:.3f}",
-                      f"epoch {int(last['epoch'])}"))
+        cards.append(("last-epoch val BA", f"{last['balanced_accuracy']:.3f}",
+                      f"epoch {int(last['epoch'])}, no TTA"))
         if "weighted_logloss" in metrics:
-            cards.append(("val weighted log loss", f"{last['weighted_logloss']:.3f}", "last epoch"))
+            cards.append(("last-epoch val weighted log loss", f"{last['weighted_logloss']:.3f}",
+                          f"epoch {int(last['epoch'])}, no TTA"))
         dead = [str(d) for d in metrics.get("dead_classes", pd.Series(dtype=str)).fillna("")
                 if str(d) not in ("", "[]", "nan")]
         cards.append(("dead-class epochs", str(len(dead)), "alarm" if dead else "none"))
+    if final and isinstance(final.get("swa"), dict):
+        sw = final["swa"]
+        cards.append(("SWA model val BA", f"{sw['balanced_accuracy']:.3f}",
+                      f"{sw.get('n_averaged', '?')} epochs averaged, no TTA"))
     if evaluation:
-        cards.append(("evaluate BA", f"{evaluation['balanced_accuracy']:.3f}",
-                      f"{evaluation.get('n_samples', '?')} samples"))
+        tta = "TTA" if evaluation.get("tta") else "no TTA"
+        cards.append((f"evaluate BA ({evaluation.get('checkpoint', '?')} checkpoint)",
+                      f"{evaluation['balanced_accuracy']:.3f}",
+                      f"{tta}, {evaluation.get('n_samples', '?')} samples"))
         if "competition_score" in evaluation:
-            cards.append(("competition score", f"{evaluation['competition_score']:.4f}", "lower is better"))
+            cards.append(("competition score (partial)", f"{evaluation['competition_score']:.4f}",
+                          _competition_caption(evaluation)))
     return "".join(f'<div class="card">{html.escape(t)}<b>{v}</b>{html.escape(s)}</div>'
                    for t, v, s in cards)
+
+
+def _competition_caption(evaluation: dict) -> str:
+    """Which parts of the four-part competition metric this score averages, on what data."""
+    parts = [k for k, v in (evaluation.get("competition") or {}).items()
+             if k != "score" and isinstance(v, float)]
+    covered = " + ".join(p.replace("_", " ") for p in parts) or "this condition's part"
+    return (f"mean of {covered} only (this condition), on {evaluation.get('scored', 'the scored rows')}; "
+            "lower is better")
 
 
 def _metrics_table(metrics: pd.DataFrame) -> str:
@@ -128,7 +148,49 @@ def _health_html(health) -> str:
     rows = health.get("items", health) if isinstance(health, dict) else health
     df = pd.DataFrame(rows)
     status = next((c for c in ("status", "result", "state") if c in df), None)
-    return _table(df, status)
+    names = {"item": "metric", "value": "value", "std": "std", "status": "status",
+             "target": "healthy range", "alarm": "alarm"}
+    df = df[[c for c in names if c in df]].rename(columns=names)
+    # The BA row's value is the spread of the last epochs; std is only that row's.
+    df = df.astype(object).where(df.notna(), "")
+    epoch = health.get("epoch") if isinstance(health, dict) else None
+    caption = f"<p>After epoch {epoch}; the plan's \"Metrics to watch\".</p>" if epoch else ""
+    return caption + _table(df, status and names.get(status, status))
+
+
+def _weights_html(info: dict) -> str:
+    """run.json's record of where the backbone's weights came from."""
+    w = info.get("backbone_weights")
+    if not w:
+        return ""
+    if w.get("source") == "file":
+        text = f"local file {w.get('detail')} (sha256 {w.get('sha256')})"
+    elif w.get("source") == "hub":
+        text = f"timm hub {w.get('detail')} (timm {w.get('timm_version')})"
+    else:
+        text = f"random initialisation: {w.get('detail')}"
+    if w.get("random_stem_channels"):
+        text += f"; {w['random_stem_channels']} stem channels randomly initialised"
+    return f"<p>Backbone {html.escape(str(w.get('backbone', '')))} weights: {html.escape(text)}</p>"
+
+
+def _title(run: RunFolder, info: dict) -> str:
+    """``<config name>, fold k`` from the run's files (the folder name is often just 'run')."""
+    name = ""
+    if run.config.is_file():
+        name = str((yaml.safe_load(run.config.read_text()) or {}).get("name") or "")
+    parts = [name or run.root.name]
+    if info.get("fold") is not None:
+        parts.append(f"fold {info['fold']}")
+    return ", ".join(parts)
+
+
+def _final_html(final: dict | None) -> str:
+    if not final or not final.get("final_checkpoint"):
+        return ""
+    return (f"<p>Final model: the <b>{html.escape(str(final['final_checkpoint']))}</b> "
+            "checkpoint (SWA when it ran, else the best epoch); out-of-fold predictions, "
+            "<code>evaluate</code> and <code>predict</code> all use it by default.</p>")
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -141,13 +203,16 @@ def build_report(run_dir: str | Path) -> Path:
     metrics = pd.read_csv(run.metrics) if run.metrics.is_file() else None
     evaluation = _read_json(run.eval_dir / rf.EVAL_METRICS_FILE)
     health = _read_json(run.health)
+    final = _read_json(run.final)
+    info = run.read_info()
     config_text = run.config.read_text() if run.config.is_file() else ""
     figs = _figures(run, metrics, evaluation)
-    name = run.root.name
+    name = _title(run, info)
 
     parts = [f"<h1>spinegrade run: {html.escape(name)}</h1>",
              f'<p class="sub">{html.escape(str(run.root.resolve()))}</p>',
-             f'<div class="cards">{_cards(metrics, evaluation)}</div>',
+             _weights_html(info), _final_html(final),
+             f'<div class="cards">{_cards(metrics, evaluation, final)}</div>',
              "<h2>Health table</h2>", _health_html(health),
              "<h2>Figures</h2>", '<div class="figs">', *(_img(f) for f in figs), "</div>"]
     if metrics is not None and len(metrics):
@@ -155,8 +220,11 @@ def build_report(run_dir: str | Path) -> Path:
     if evaluation:
         recall = evaluation.get("recall", {})
         rec = ", ".join(f"{s}: {recall.get(n, np.nan):.3f}" for n, s in zip(CLASS_NAMES, SEVERITIES, strict=True))
+        tta = "with TTA" if evaluation.get("tta") else "no TTA"
         parts += ["<h2>Evaluation</h2>",
-                  f"<p>balanced accuracy {evaluation['balanced_accuracy']:.4f}; recall {rec}; "
+                  f"<p>{html.escape(str(evaluation.get('checkpoint', '?')))} checkpoint, {tta}, "
+                  f"{html.escape(str(evaluation.get('scored', '')))}: "
+                  f"balanced accuracy {evaluation['balanced_accuracy']:.4f}; recall {rec}; "
                   f"weighted log loss {evaluation.get('weighted_logloss', float('nan')):.4f}</p>"]
     if config_text:
         parts += ["<h2>Resolved config</h2>",

@@ -6,7 +6,7 @@ narrowings of the canal, foramina and lateral recesses.
 """
 
 from spinegrade.data.synthetic.generate import SynthSummary, generate
-from spinegrade.data.synthetic.labels import GRADE_RANGES, resolve_balance
+from spinegrade.data.synthetic.labels import DIFFICULTIES, GRADE_RANGES, resolve_balance
 from spinegrade.data.synthetic.study import SynthOptions
 
-__all__ = ["GRADE_RANGES", "SynthOptions", "SynthSummary", "generate", "resolve_balance"]
+__all__ = ["DIFFICULTIES", "GRADE_RANGES", "SynthOptions", "SynthSummary", "generate", "resolve_balance"]

@@ -91,7 +91,9 @@ def _prepare_out_dir(out: Path, overwrite: bool) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
 
-def _check_args(n_studies: int, n_test: int, workers: int) -> None:
+def _check_args(n_studies: int, n_test: int, workers: int, difficulty: str = "easy") -> None:
+    if difficulty not in L.DIFFICULTIES:
+        raise UserError(f"difficulty '{difficulty}' is not one of {', '.join(L.DIFFICULTIES)}")
     if not isinstance(n_studies, int) or n_studies < 1:
         raise UserError(f"number of training studies must be at least 1, got {n_studies}")
     if n_test < 0:
@@ -157,11 +159,17 @@ def _make_tasks(seed: int, n_train: int, n_test: int, out: Path,
 
 
 def _manifest(seed: int, n_train: int, n_test: int, options: SynthOptions,
-              balance: dict[str, np.ndarray], series: dict[int, dict]) -> dict:
+              balance: dict[str, np.ndarray], series: dict[int, dict],
+              results: Sequence[StudyResult] = ()) -> dict:
     """The content of synthetic.json: how the dataset was made, and each series' quirks."""
+    level = L.DIFFICULTIES[options.difficulty]
+    labelled = sum(int((r.grades != L.EMPTY).sum()) for r in results)
     return {
         "generator": "spinegrade.data.synthetic", "seed": seed, "n_train": n_train,
         "n_test": n_test, "options": asdict(options),
+        "difficulty": {"grade_ranges": [list(r) for r in level.grade_ranges],
+                       "label_noise": level.label_noise, "labelled_cells": labelled,
+                       "relabelled_cells": sum(r.n_relabelled for r in results)},
         "class_balance": {c: balance[c].round(6).tolist() for c in CONDITIONS},
         "series": {str(k): v for k, v in series.items()},
     }
@@ -223,8 +231,8 @@ def generate(
     """
     start = time.perf_counter()
     n_test = max(2, n_studies // 10) if n_test is None else n_test
-    _check_args(n_studies, n_test, workers)
     options = options or SynthOptions()
+    _check_args(n_studies, n_test, workers, options.difficulty)
     balance = L.resolve_balance(class_balance)
     out = Path(out_dir)
     _prepare_out_dir(out, overwrite)
@@ -232,7 +240,7 @@ def generate(
     results = list(_run(tasks, workers, progress))
     train, test = results[:n_studies], results[n_studies:]
     series = {sid: info for r in results for sid, info in r.series_info.items()}
-    manifest = _manifest(seed, n_studies, n_test, options, balance, series)
+    manifest = _manifest(seed, n_studies, n_test, options, balance, series, results)
     summary = _summarise(out, train, test, series, _write_tables(out, train, test, manifest))
     if preview is not None:
         summary.files["preview"] = save_preview(out, Path(preview))

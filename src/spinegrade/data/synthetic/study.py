@@ -40,6 +40,8 @@ class SynthOptions:
             (different orientations in one series) rather than one stack.
         p_stir: chance that the Sagittal T2/STIR series is a STIR (fat suppressed).
         empty_scale: multiplies the (realistic) chance of empty label cells; 0 disables.
+        difficulty: ``easy`` (default; the demo's data) | ``realistic`` | ``hard``: how much
+            the grades' anatomy overlaps and how noisy the labels are (``labels.DIFFICULTIES``).
     """
 
     max_matrix: int | None = None
@@ -50,6 +52,7 @@ class SynthOptions:
     p_axial_per_level: float = 0.7
     p_stir: float = 0.2
     empty_scale: float = 1.0
+    difficulty: str = "easy"
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,7 @@ class StudyResult:
     study_id: int
     grades: np.ndarray  # (conditions, levels), L.EMPTY where unlabelled
     latent: np.ndarray
+    n_relabelled: int = 0  # labelled cells whose grade the reader noise changed
     series_rows: list[tuple[int, int, str]] = field(default_factory=list)
     coord_rows: list[tuple] = field(default_factory=list)
     series_info: dict[int, dict] = field(default_factory=dict)
@@ -151,14 +155,18 @@ def make_study(task: StudyTask) -> StudyResult:
     """Generate one study (its own random stream, so any worker order gives the same bytes)."""
     rng = np.random.default_rng([task.seed, task.index])
     opt = task.options
+    level = L.DIFFICULTIES[opt.difficulty]
     grades = L.sample_grades(rng, task.balance)
-    latent = L.sample_latent(rng, grades)
+    latent = L.sample_latent(rng, grades, level.grade_ranges)
     empty = L.sample_empty(rng, opt.empty_scale)
+    # Its own stream, so "easy" (no noise) draws exactly what it always drew.
+    read = L.reader_labels(np.random.default_rng([task.seed, task.index, 1]), grades, latent, level)
     an = A.sample_anatomy(rng, latent)
     geoms = _build_series(rng, an, opt)
     series_ids = dict(zip(SERIES_DESCRIPTIONS, task.series_ids, strict=True))
-    labelled = np.where(empty, L.EMPTY, grades)
-    result = StudyResult(task.study_id, labelled, latent)
+    labelled = np.where(empty, L.EMPTY, read)
+    result = StudyResult(task.study_id, labelled, latent,
+                         n_relabelled=int(((read != grades) & ~empty).sum()))
     for number, desc in enumerate(SERIES_DESCRIPTIONS, start=1):
         if desc not in geoms:
             continue
