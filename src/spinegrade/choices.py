@@ -30,6 +30,8 @@ SAMPLERS: tuple[str, ...] = ("shuffle", "weighted")
 SELECT_METRICS: tuple[str, ...] = ("balanced_accuracy", "weighted_logloss", "val_loss")
 # engine/train.py: what a run of dead-class epochs triggers.
 DEAD_CLASS_ACTIONS: tuple[str, ...] = ("warn", "reset_bias", "stop")
+# engine/calibrate.py: what is fitted on the out-of-fold predictions after training.
+CALIBRATION_METHODS: tuple[str, ...] = ("none", "temperature", "temperature_bias")
 # engine/run_folder.py: the checkpoint files of a run folder.
 CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
 

@@ -172,6 +172,14 @@ class EvalConfig:
     loss_gap_alarm: float = 0.10
     minority_recall_target: float = 0.50
     minority_recall_alarm: float = 0.30
+    # After training, fitted on the final model's out-of-fold predictions (weights 1/2/4)
+    # and stored in calibration.json: none | temperature | temperature_bias (a per-class
+    # bias too). Applied by evaluate and predict; never worse than none out of fold.
+    calibration: str = "temperature"
+    # Also choose the weight of the per-level training prior mixed into every prediction
+    # (predict.prior_mix < 0 uses it).
+    calibration_prior_mix: bool = True
+    calibration_bins: int = 10
 
 
 @dataclass(frozen=True)
@@ -236,8 +244,11 @@ class PredictConfig:
     # localizer.min_score.
     min_location_score: float = -1.0
     # Weight of the prior mixed into every model prediction: bounds the log loss of a
-    # confident miss (e.g. a crop on the wrong disc); 0 keeps the model's output.
-    prior_mix: float = 0.0
+    # confident miss (e.g. a crop on the wrong disc); 0 keeps the model's output; < 0: the
+    # weight each classifier run chose on its out-of-fold data (calibration.json), else 0.
+    prior_mix: float = -1.0
+    # Apply each run's calibration.json (temperature, bias) to its probabilities.
+    calibrate: bool = True
     device: str = "auto"
     figures: bool = True
 
@@ -273,6 +284,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.sampler": choices.SAMPLERS,
     "train.select_metric": choices.SELECT_METRICS,
     "train.dead_class_action": choices.DEAD_CLASS_ACTIONS,
+    "eval.calibration": choices.CALIBRATION_METHODS,
     "predict.fallback": choices.PREDICT_FALLBACKS,
     "predict.checkpoint": choices.PREDICT_CHECKPOINTS,
 }

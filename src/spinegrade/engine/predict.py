@@ -41,6 +41,7 @@ from spinegrade.constants import (
 )
 from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
+from spinegrade.engine.calibrate import RunCalibration, format_calibration, load_calibration
 from spinegrade.engine.localizer import LocalizerRun, resolve_device
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
@@ -142,6 +143,7 @@ class ClassifierRun:
         cropper: crops exactly as the run's cache was made.
         views: TTA views.
         prior: (5, 3) prior used where a level cannot be graded.
+        calibration: the run's calibration.json (``predict.calibrate``), or None.
     """
 
     path: Path
@@ -154,6 +156,7 @@ class ClassifierRun:
     prior: np.ndarray
     device: torch.device
     checkpoint: str = "best"
+    calibration: RunCalibration | None = None
 
     @classmethod
     def load(cls, path: Path, weight: float, pcfg: PredictConfig, device: torch.device
@@ -179,7 +182,7 @@ class ClassifierRun:
         if prior is None:
             prior = default_prior(cond, pcfg.prior_reweight)
         return cls(path, weight, cfg, cond, model, build_cropper(cfg.data), views, prior, device,
-                   ck_path.stem)
+                   ck_path.stem, _run_calibration(run, pcfg))
 
     @torch.no_grad()
     def grade(self, volume: Volume, requests: Sequence[tuple[int, CropRequest]],
@@ -197,9 +200,30 @@ class ClassifierRun:
             x = torch.from_numpy(np.stack([c for _, c in chunk])).to(self.device).float() / 255.0
             level = torch.tensor([lv for lv, _ in chunk], dtype=torch.int64, device=self.device)
             probs, _ = predict_views(self.model, x, level, self.views)
-            for (lv, _), p in zip(chunk, probs.cpu().numpy(), strict=True):
-                out[lv] = p.astype(np.float64)
+            probs = probs.cpu().numpy().astype(np.float64)
+            if self.calibration is not None:  # temperature and bias; the mix comes later
+                probs = self.calibration.probs(probs, mix=False)
+            for (lv, _), p in zip(chunk, probs, strict=True):
+                out[lv] = p
         return out
+
+
+def _run_calibration(run: RunFolder, pcfg: PredictConfig) -> RunCalibration | None:
+    """The run's calibration.json when ``predict.calibrate`` (None without one)."""
+    rc = load_calibration(run) if pcfg.calibrate else None
+    if rc is not None:
+        _log.info("%s: %s", run.root, format_calibration(rc))
+    return rc
+
+
+def prior_mix_of(runs: Sequence[ClassifierRun], pcfg: PredictConfig) -> float:
+    """``predict.prior_mix``, or when it is < 0 the runs' chosen mixes (weighted mean; 0 for
+    a run without calibration.json)."""
+    if pcfg.prior_mix >= 0:
+        return pcfg.prior_mix
+    total = sum(r.weight for r in runs)
+    return sum(r.weight * (r.calibration.calibration.prior_mix if r.calibration else 0.0)
+               for r in runs) / total
 
 
 def load_classifiers(specs: Sequence[str], pcfg: PredictConfig, device: torch.device
@@ -290,9 +314,10 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
         min_score = (pcfg.min_location_score if pcfg.min_location_score >= 0
                      else localizer.lcfg.min_score)
         got, reasons = _grade_condition(cond, runs, located, volumes, pcfg, min_score)
+        mix = prior_mix_of(runs, pcfg)
         for lv in range(len(LEVELS)):
             if lv in got:
-                mixed = (1.0 - pcfg.prior_mix) * got[lv] + pcfg.prior_mix * prior[lv]
+                mixed = (1.0 - mix) * got[lv] + mix * prior[lv]
                 probs[(cond, lv)], source[(cond, lv)] = mixed, "model"
                 continue
             probs[(cond, lv)], source[(cond, lv)] = prior[lv], f"prior: {reasons[lv]}"

@@ -40,6 +40,8 @@ METRICS_FILE = "metrics.csv"
 HEALTH_FILE = "health.json"
 FINAL_FILE = "final.json"
 OOF_FILE = "oof.csv"
+# Temperature / bias / prior mix fitted on oof.csv after training (engine.calibrate).
+CALIBRATION_FILE = "calibration.json"
 REPORT_FILE = "report.html"
 TENSORBOARD_DIR = "tb"
 CHECKPOINT_DIR = "checkpoints"
@@ -56,6 +58,7 @@ RECALL_PNG = "recall.png"
 CONFUSION_BEST_PNG = "confusion_best.png"
 CONFUSION_EVAL_PNG = "confusion_eval.png"
 SLICE_WEIGHTS_PNG = "slice_weights.png"
+RELIABILITY_PNG = "reliability.png"
 
 
 @dataclass(frozen=True)
@@ -94,6 +97,10 @@ class RunFolder:
     @property
     def oof(self) -> Path:
         return self.root / OOF_FILE
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION_FILE
 
     @property
     def report(self) -> Path:
