@@ -249,6 +249,10 @@ class PredictConfig:
     prior_mix: float = -1.0
     # Apply each run's calibration.json (temperature, bias) to its probabilities.
     calibrate: bool = True
+    # Refuse what is not a lumbar spine: a series whose header names other anatomy is not
+    # used, and a condition whose located discs are no lumbar disc chain (or disagree across
+    # series) is not graded: its rows get the prior, with the reason in problems.csv.
+    check_anatomy: bool = True
     device: str = "auto"
     figures: bool = True
 
