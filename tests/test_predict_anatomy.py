@@ -209,3 +209,22 @@ def test_a_lumbar_study_with_plausible_discs_is_graded(tmp_path, runs, synth_dir
     assert not [p for p in out.problems if p.kind in (S.IMPLAUSIBLE_DISCS, S.NOT_LUMBAR_SPINE)]
     table = P.grade_table(res)
     assert (table.loc[table["condition"] == SPINAL, "grade"] != P.NOT_GRADED).all()
+
+
+def test_prior_rows_show_no_grade_but_keep_their_probabilities(tmp_path):
+    """An unlocated L1/L2 whose reweighted prior peaks at Severe must not read "Severe"."""
+    from spinegrade.report.predict import plot_study
+
+    prior, model = np.array([0.3, 0.3, 0.4]), np.array([0.1, 0.2, 0.7])
+    probs = {(c, lv): (model if (c, lv) == (SPINAL, 2) else prior)
+             for c in CONDITIONS for lv in range(5)}
+    source = {k: ("model" if k == (SPINAL, 2) else "prior: not located") for k in probs}
+    res = P.StudyResult("42", probs, source, pd.DataFrame(), {})
+    table = P.grade_table(res)
+    graded = table[(table["condition"] == SPINAL) & (table["level"] == LEVELS[2])]
+    assert graded["grade"].tolist() == ["Severe"] and graded["severe"].tolist() == [0.7]
+    others = table.drop(graded.index)
+    assert (others["grade"] == P.NOT_GRADED).all() and (others["severe"] == "").all()
+    sub = pd.DataFrame(P.submission_rows(res)).set_index("row_id")
+    np.testing.assert_allclose(sub.loc[f"42_{SPINAL}_l1_l2"].to_numpy(), prior)
+    assert plot_study(res, tmp_path / "fig.png").is_file()

@@ -38,6 +38,9 @@ CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
 # --- data (registries in data/preprocess.py) -------------------------------------------------
 WINDOW_PRESETS: tuple[str, ...] = ("fixed", "percentile")
 RESIZE_INTERPOLATIONS: tuple[str, ...] = ("area", "linear")
+# data/jitter.py: where training crops are centred, and the placement error's distribution.
+COORDINATE_SOURCES: tuple[str, ...] = ("labels", "predicted")
+JITTER_DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform")
 
 # --- prediction (engine/predict.py) -----------------------------------------------------------
 PREDICT_FALLBACKS: tuple[str, ...] = ("prior",)

@@ -61,6 +61,18 @@ class DataConfig:
     # cv2 interpolation for crop -> img_size: "area" (INTER_AREA, anti-aliased when shrinking,
     # the usual case: 336 native px -> 224) or "linear" (INTER_LINEAR).
     resize_interpolation: str = "area"
+    # Train on the crops prediction sees (data/jitter.py, docs/preprocessing.md): crops on
+    # the "labels" or on "predicted" points (coordinates_csv: train_label_coordinates
+    # format or predict's locations.csv), plus a placement error while preparing: per axis
+    # jitter_mm (via PixelSpacing) + jitter_px, normal (std) or uniform (half-width); the
+    # centre slice moved by -k..k with probabilities jitter_slices (odd length).
+    coordinates: str = "labels"
+    coordinates_csv: str = ""
+    jitter_mm: float = 0.0
+    jitter_px: float = 0.0
+    jitter_distribution: str = "normal"
+    jitter_slices: tuple[float, ...] = ()
+    jitter_seed: int = 0
     folds: int = 5
     fold: int = 0
     num_workers: int = 2
@@ -172,12 +184,9 @@ class EvalConfig:
     loss_gap_alarm: float = 0.10
     minority_recall_target: float = 0.50
     minority_recall_alarm: float = 0.30
-    # After training, fitted on the final model's out-of-fold predictions (weights 1/2/4)
-    # and stored in calibration.json: none | temperature | temperature_bias (a per-class
-    # bias too). Applied by evaluate and predict; never worse than none out of fold.
+    # Fitted on oof.csv after training into calibration.json (engine/calibrate.py): none |
+    # temperature | temperature_bias; with calibration_prior_mix also the prior's weight.
     calibration: str = "temperature"
-    # Also choose the weight of the per-level training prior mixed into every prediction
-    # (predict.prior_mix < 0 uses it).
     calibration_prior_mix: bool = True
     calibration_bins: int = 10
 
@@ -278,6 +287,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.condition": CONDITIONS,
     "data.window_preset": choices.WINDOW_PRESETS,
     "data.resize_interpolation": choices.RESIZE_INTERPOLATIONS,
+    "data.coordinates": choices.COORDINATE_SOURCES,
+    "data.jitter_distribution": choices.JITTER_DISTRIBUTIONS,
     "model.input_mode": choices.INPUT_MODES,
     "model.aggregator": choices.AGGREGATORS,
     "model.level_conditioning": choices.LEVEL_CONDITIONINGS,

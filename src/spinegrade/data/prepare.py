@@ -46,8 +46,9 @@ from spinegrade.data.cache import (
     cache_meta,
     write_index,
 )
+from spinegrade.data.jitter import check_settings, jitter_requests, training_index
 from spinegrade.data.preprocess import CropRequest, VolumeCropper, build_cropper
-from spinegrade.data.rsna import build_index, series_folder
+from spinegrade.data.rsna import series_folder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.io.dicom import Volume, read_series
@@ -288,12 +289,14 @@ def _init_worker() -> None:
 
 
 def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path,
-               crops_file: Path) -> list[SeriesTask]:
-    """One task per series of the index, sample ids = index positions, in index order."""
+               crops_file: Path, settings: Mapping[str, Any] | None = None) -> list[SeriesTask]:
+    """One task per series of the index, sample ids = index positions, in index order;
+    with jitter ``settings`` each request carries its placement error (``data.jitter``)."""
     tasks = []
     for (study, series), group in index.groupby(["study_id", "series_id"], sort=True):
         requests = tuple(CropRequest(int(r.instance_number), float(r.x), float(r.y))
                          for r in group.itertuples())
+        requests = jitter_requests(requests, list(group.index), settings or {})
         tasks.append(SeriesTask(str(data_dir), int(study), int(series),
                                 tuple(int(i) for i in group.index), requests,
                                 str(shards_dir / f"{study}_{series}.json"), str(crops_file)))
@@ -468,7 +471,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     data_dir = Path(data_dir)
     condition = settings["condition"]
     cache_dir = Path(out_dir) / cache_key(settings)
-    index, problems = build_index(data_dir, condition)
+    check_settings(settings)
+    index, problems = training_index(data_dir, settings)
     fingerprint = _index_fingerprint(index)
     meta_path = cache_dir / META_FILE
     if meta_path.is_file() and (cache_dir / CROPS_FILE).is_file():
@@ -484,7 +488,7 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     partial = _partial_store(cache_dir, fingerprint, _crops_shape(len(index), settings))
     shards_dir = cache_dir / SHARDS_DIR
     shards_dir.mkdir(parents=True, exist_ok=True)
-    tasks = make_tasks(data_dir, index, shards_dir, partial)
+    tasks = make_tasks(data_dir, index, shards_dir, partial, settings)
     _run_tasks(tasks, settings, workers, progress)
     _consolidate(cache_dir, index, tasks, problems, settings,
                  {"cache_key": cache_dir.name, "index_fingerprint": fingerprint,
