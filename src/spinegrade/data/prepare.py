@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -290,8 +289,7 @@ def _init_worker() -> None:
 
 def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path,
                crops_file: Path, settings: Mapping[str, Any] | None = None) -> list[SeriesTask]:
-    """One task per series of the index, sample ids = index positions, in index order;
-    with jitter ``settings`` each request carries its placement error (``data.jitter``)."""
+    """One task per series, sample ids = index positions; jitter from ``settings``."""
     tasks = []
     for (study, series), group in index.groupby(["study_id", "series_id"], sort=True):
         requests = tuple(CropRequest(int(r.instance_number), float(r.x), float(r.y))
@@ -313,11 +311,11 @@ def _start_method() -> str:
     """'fork' on Linux when it is safe, else 'spawn'.
 
     fork starts a worker in milliseconds instead of re-importing numpy/pandas/OpenCV/pydicom
-    (~0.6 s each). It is safe while this process runs no other thread (a forked child would
-    inherit locks held by them) and has not initialised CUDA; workers set OpenCV to one
-    thread, so no OpenCV thread pool state is used in them.
+    (~0.6 s each). It is safe while this process runs no other thread, native ones included
+    (/proc/self/task: a child forked after OpenCV's pool started hangs in cv2.setNumThreads)
+    and has not initialised CUDA; workers set OpenCV to one thread.
     """
-    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+    if not sys.platform.startswith("linux") or len(os.listdir("/proc/self/task")) > 1:
         return "spawn"
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch, "cuda", None) is not None:
