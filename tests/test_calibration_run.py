@@ -156,6 +156,9 @@ def test_predict_applies_the_stored_temperature(tmp_path, synth_dir):
     for lv in range(3):
         expected = _softmax((np.log(p0[lv]) / 2.5 + np.array(cal.bias))[None])[0]
         np.testing.assert_allclose(p1[lv], expected, rtol=1e-6)
-    assert P.prior_mix_of([calibrated], pcfg) == pytest.approx(0.2)
-    assert P.prior_mix_of([plain], pcfg) == 0.0
-    assert P.prior_mix_of([calibrated], P.dataclasses.replace(pcfg, prior_mix=0.05)) == 0.05
+    assert pcfg.prior_mix < 0  # the default: each run's own choice
+    assert K.prior_mix_of([calibrated], pcfg.prior_mix) == pytest.approx(0.2)
+    assert K.prior_mix_of([plain], pcfg.prior_mix) == 0.0
+    both = [calibrated, P.dataclasses.replace(plain, weight=3.0)]
+    assert K.prior_mix_of(both, pcfg.prior_mix) == pytest.approx(0.2 / 4)
+    assert K.prior_mix_of([calibrated], 0.05) == 0.05

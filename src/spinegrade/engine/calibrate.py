@@ -179,8 +179,9 @@ def calibrate_after_training(cfg: Config, run: Any, index: pd.DataFrame, checkpo
     return rc
 
 
-def load_calibration(run: Any) -> RunCalibration | None:
-    """The run's ``calibration.json``, or None when it has none.
+def load_calibration(run: Any, checkpoint: str | None = None) -> RunCalibration | None:
+    """The run's ``calibration.json``, or None when it has none; with ``checkpoint``, a
+    warning when it was fitted on another checkpoint's predictions.
 
     Raises:
         UserError: the file exists but cannot be read (names the file and the fix).
@@ -189,10 +190,25 @@ def load_calibration(run: Any) -> RunCalibration | None:
     if not path.is_file():
         return None
     try:
-        return RunCalibration.from_dict(json.loads(path.read_text()))
+        rc = RunCalibration.from_dict(json.loads(path.read_text()))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"{path}: not a valid calibration file ({e}); delete it to use the "
                         "uncalibrated model, or retrain the run") from None
+    log.info("%s: %s", run.root, format_calibration(rc))
+    if checkpoint is not None and rc.checkpoint != checkpoint:
+        log.warning("%s was fitted on the %s checkpoint; applying it to %s", path,
+                    rc.checkpoint, checkpoint)
+    return rc
+
+
+def prior_mix_of(runs: Sequence[Any], prior_mix: float) -> float:
+    """``prior_mix`` (``predict.prior_mix``), or when it is < 0 the weighted mean of the
+    runs' chosen mixes (``run.weight``, ``run.calibration``; 0 for a run without one)."""
+    if prior_mix >= 0:
+        return prior_mix
+    total = sum(r.weight for r in runs)
+    return sum(r.weight * (r.calibration.calibration.prior_mix if r.calibration else 0.0)
+               for r in runs) / total
 
 
 def format_calibration(rc: RunCalibration) -> str:

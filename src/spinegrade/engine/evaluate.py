@@ -104,12 +104,9 @@ def _calibrated(run: RunFolder, pred: dict, index: pd.DataFrame, condition: str,
                 checkpoint: str, calibrate: bool) -> tuple[dict, dict]:
     """``pred`` with the run's calibration applied, and what was applied (with the
     uncalibrated weighted log loss and competition score, for comparison)."""
-    rc = load_calibration(run) if calibrate else None
+    rc = load_calibration(run, checkpoint) if calibrate else None
     if rc is None:
         return pred, {"applied": False}
-    if rc.checkpoint != checkpoint:
-        log.warning("calibration.json was fitted on the %s checkpoint; applying it to %s",
-                    rc.checkpoint, checkpoint)
     raw = _competition(pred, index, condition)
     info = {"applied": True, "fitted_on": rc.checkpoint, "method": rc.method,
             **rc.calibration.to_dict(),

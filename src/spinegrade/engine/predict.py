@@ -41,7 +41,7 @@ from spinegrade.constants import (
 )
 from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
-from spinegrade.engine.calibrate import RunCalibration, format_calibration, load_calibration
+from spinegrade.engine.calibrate import RunCalibration, load_calibration, prior_mix_of
 from spinegrade.engine.localizer import LocalizerRun, resolve_device
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
@@ -184,7 +184,8 @@ class ClassifierRun:
         if prior is None:
             prior = default_prior(cond, pcfg.prior_reweight)
         return cls(path, weight, cfg, cond, model, build_cropper(cfg.data), views, prior, device,
-                   ck_path.stem, _run_calibration(run, pcfg))
+                   ck_path.stem,
+                   load_calibration(run, checkpoint=ck_path.stem) if pcfg.calibrate else None)
 
     @torch.no_grad()
     def grade(self, volume: Volume, requests: Sequence[tuple[int, CropRequest]],
@@ -208,24 +209,6 @@ class ClassifierRun:
             for (lv, _), p in zip(chunk, probs, strict=True):
                 out[lv] = p
         return out
-
-
-def _run_calibration(run: RunFolder, pcfg: PredictConfig) -> RunCalibration | None:
-    """The run's calibration.json when ``predict.calibrate`` (None without one)."""
-    rc = load_calibration(run) if pcfg.calibrate else None
-    if rc is not None:
-        _log.info("%s: %s", run.root, format_calibration(rc))
-    return rc
-
-
-def prior_mix_of(runs: Sequence[ClassifierRun], pcfg: PredictConfig) -> float:
-    """``predict.prior_mix``, or when it is < 0 the runs' chosen mixes (weighted mean; 0 for
-    a run without calibration.json)."""
-    if pcfg.prior_mix >= 0:
-        return pcfg.prior_mix
-    total = sum(r.weight for r in runs)
-    return sum(r.weight * (r.calibration.calibration.prior_mix if r.calibration else 0.0)
-               for r in runs) / total
 
 
 def load_classifiers(specs: Sequence[str], pcfg: PredictConfig, device: torch.device
@@ -321,7 +304,7 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
         total = sum(r.weight for r in runs)
         prior = sum(r.weight * r.prior for r in runs) / total
         got, reasons = _grade_condition(cond, runs, located, volumes, pcfg, min_score)
-        mix = prior_mix_of(runs, pcfg)
+        mix = prior_mix_of(runs, pcfg.prior_mix)
         for lv in range(len(LEVELS)):
             if lv in got:
                 mixed = (1.0 - mix) * got[lv] + mix * prior[lv]
