@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
+from sklearn.metrics import log_loss
 
 from engine_fixtures import make_cache, tiny_config
 from spinegrade.cli import main
+from spinegrade.constants import CLASS_WEIGHTS
+from spinegrade.engine.calibrate import load_calibration, oof_arrays
+from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.train import fit
 
 
@@ -51,7 +56,7 @@ def test_run_folder_has_the_documented_files(run):
 def test_evaluate_tta_on_and_off(run, capsys):
     r = run / "run"
     # Default: the final checkpoint final.json names (SWA here), as oof.csv and predict use.
-    assert main(["evaluate", str(r), "--no-tta", "--out", str(run / "e0")]) == 0
+    assert main(["evaluate", str(r), "--no-tta", "--no-calibration", "--out", str(run / "e0")]) == 0
     assert main(["evaluate", str(r), "--checkpoint", "swa", "--out", str(run / "e1")]) == 0
     plain = json.loads((run / "e0/metrics.json").read_text())
     tta = json.loads((run / "e1/metrics.json").read_text())
@@ -84,3 +89,32 @@ def test_evaluate_scores_all_of_another_cache(run, tmp_path):
 def test_evaluate_missing_checkpoint_is_a_user_error(tmp_path, capsys):
     assert main(["evaluate", str(tmp_path), "--checkpoint", "last"]) == 2
     assert "checkpoint not found" in capsys.readouterr().err
+
+
+def test_calibration_is_fitted_stored_reported_and_applied(run):
+    """After training: calibration.json from oof.csv, in final.json and report.html; evaluate
+    applies exactly it (no TTA: the swa checkpoint reproduces oof.csv before calibrating)."""
+    r = run / "run"
+    rc = load_calibration(RunFolder(r))
+    assert rc is not None and rc.checkpoint == "swa" and rc.method == "temperature"
+    oof = pd.read_csv(r / "oof.csv")
+    probs, labels, levels = oof_arrays(oof)
+    w = np.asarray(CLASS_WEIGHTS)[labels]
+    before = log_loss(labels, probs, sample_weight=w, labels=[0, 1, 2])
+    after = log_loss(labels, rc.probs(probs, levels), sample_weight=w, labels=[0, 1, 2])
+    assert rc.calibration.nll_before == pytest.approx(before, rel=1e-6)
+    assert after == pytest.approx(rc.calibration.nll_after, rel=1e-6) and after <= before
+    final = json.loads((r / "final.json").read_text())
+    assert final["calibration"]["temperature"] == pytest.approx(rc.calibration.temperature)
+    page = (r / "report.html").read_text()
+    assert "Calibration" in page and "ECE" in page and (r / "plots/reliability.png").is_file()
+
+    assert main(["evaluate", str(r), "--checkpoint", "swa", "--no-tta", "--out",
+                 str(run / "ec")]) == 0
+    m = json.loads((run / "ec/metrics.json").read_text())
+    assert m["calibration"]["applied"] is True
+    assert m["calibration"]["uncalibrated_weighted_logloss"] == pytest.approx(before, rel=1e-5)
+    assert m["weighted_logloss"] == pytest.approx(after, rel=1e-5)
+    preds = pd.read_csv(run / "ec/predictions.csv")
+    np.testing.assert_allclose(preds.filter(like="prob_").to_numpy(),
+                               rc.probs(probs, levels), atol=1e-6)

@@ -39,6 +39,8 @@ SELECT_METRICS: tuple[str, ...] = ("balanced_accuracy", "weighted_logloss", "val
 # engine/train.py: what a run of dead-class epochs triggers. reset_bias_boost (v8 default):
 # head bias back to the prior and head LR x train.dead_class_lr_boost for the next epoch.
 DEAD_CLASS_ACTIONS: tuple[str, ...] = ("reset_bias_boost", "reset_bias", "warn", "stop")
+# engine/calibrate.py: what is fitted on the out-of-fold predictions after training.
+CALIBRATION_METHODS: tuple[str, ...] = ("none", "temperature", "temperature_bias")
 # engine/run_folder.py: the checkpoint files of a run folder.
 CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
 
@@ -46,6 +48,9 @@ CHECKPOINT_NAMES: tuple[str, ...] = ("best", "last", "swa")
 WINDOW_PRESETS: tuple[str, ...] = ("fixed", "percentile")
 WINDOW_CHANNELS: tuple[str, ...] = ("three", "single")
 RESIZE_INTERPOLATIONS: tuple[str, ...] = ("area", "linear")
+# data/jitter.py: where training crops are centred, and the placement error's distribution.
+COORDINATE_SOURCES: tuple[str, ...] = ("labels", "predicted")
+JITTER_DISTRIBUTIONS: tuple[str, ...] = ("normal", "uniform")
 
 # --- synthetic data (data/synthetic/labels.py: DIFFICULTIES) ----------------------------------
 SYNTH_DIFFICULTIES: tuple[str, ...] = ("easy", "realistic", "hard")

@@ -66,6 +66,18 @@ class DataConfig:
     # cv2 interpolation for crop -> img_size: "area" (INTER_AREA, anti-aliased when shrinking,
     # the usual case: 336 native px -> 224) or "linear" (INTER_LINEAR).
     resize_interpolation: str = "area"
+    # Train on the crops prediction sees (data/jitter.py, docs/preprocessing.md): crops on
+    # the "labels" or on "predicted" points (coordinates_csv: train_label_coordinates
+    # format or predict's locations.csv), plus a placement error while preparing: per axis
+    # jitter_mm (via PixelSpacing) + jitter_px, normal (std) or uniform (half-width); the
+    # centre slice moved by -k..k with probabilities jitter_slices (odd length).
+    coordinates: str = "labels"
+    coordinates_csv: str = ""
+    jitter_mm: float = 0.0
+    jitter_px: float = 0.0
+    jitter_distribution: str = "normal"
+    jitter_slices: tuple[float, ...] = ()
+    jitter_seed: int = 0
     folds: int = 5
     fold: int = 0
     num_workers: int = 2
@@ -197,6 +209,11 @@ class EvalConfig:
     loss_gap_alarm: float = 0.10  # overfitting
     minority_recall_target: float = 0.50  # Moderate and Severe, each
     minority_recall_alarm: float = 0.30
+    # Fitted on oof.csv after training into calibration.json (engine/calibrate.py): none |
+    # temperature | temperature_bias; with calibration_prior_mix also the prior's weight.
+    calibration: str = "temperature"
+    calibration_prior_mix: bool = True
+    calibration_bins: int = 10
 
 
 @dataclass(frozen=True)
@@ -264,8 +281,15 @@ class PredictConfig:
     # localizer.min_score.
     min_location_score: float = -1.0
     # Weight of the prior mixed into every model prediction: bounds the log loss of a
-    # confident miss (e.g. a crop on the wrong disc); 0 keeps the model's output.
-    prior_mix: float = 0.0
+    # confident miss (e.g. a crop on the wrong disc); 0 keeps the model's output; < 0: the
+    # weight each classifier run chose on its out-of-fold data (calibration.json), else 0.
+    prior_mix: float = -1.0
+    # Apply each run's calibration.json (temperature, bias) to its probabilities.
+    calibrate: bool = True
+    # Refuse what is not a lumbar spine: a series whose header names other anatomy is not
+    # used, and a condition whose located discs are no lumbar disc chain (or disagree across
+    # series) is not graded: its rows get the prior, with the reason in problems.csv.
+    check_anatomy: bool = True
     device: str = "auto"
     figures: bool = True
 
@@ -292,6 +316,8 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.window_preset": choices.WINDOW_PRESETS,
     "data.window_channels": choices.WINDOW_CHANNELS,
     "data.resize_interpolation": choices.RESIZE_INTERPOLATIONS,
+    "data.coordinates": choices.COORDINATE_SOURCES,
+    "data.jitter_distribution": choices.JITTER_DISTRIBUTIONS,
     "model.input_mode": choices.INPUT_MODES,
     "model.aggregator": choices.AGGREGATORS,
     "model.level_conditioning": choices.LEVEL_CONDITIONINGS,
@@ -306,6 +332,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.lr_schedule": choices.LR_SCHEDULES,
     "train.select_metric": choices.SELECT_METRICS,
     "train.dead_class_action": choices.DEAD_CLASS_ACTIONS,
+    "eval.calibration": choices.CALIBRATION_METHODS,
     "predict.fallback": choices.PREDICT_FALLBACKS,
     "predict.checkpoint": choices.PREDICT_CHECKPOINTS,
 }

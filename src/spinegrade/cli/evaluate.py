@@ -16,7 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
             "Score a checkpoint of a training run on the run's validation fold (default) or on "
             "every sample of another crop cache (--cache), with TTA (brightness and scale views "
             "of eval.tta_brightness / eval.tta_scales, probabilities averaged; no flips) unless "
-            "--no-tta. Writes metrics.json, predictions.csv, confusion.png and "
+            "--no-tta, and with the run's calibration.json applied unless --no-calibration. "
+            "Writes metrics.json, predictions.csv, confusion.png and "
             "per_level_recall.png to RUN/eval (or --out)."
         ),
     )
@@ -27,6 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="which checkpoint of the run (default: final, the one final.json names: "
                         "SWA when it ran, else best; the model of oof.csv and of predict)")
     p.add_argument("--no-tta", dest="tta", action="store_false", help="score the plain view only")
+    p.add_argument("--no-calibration", dest="calibrate", action="store_false",
+                   help="score the raw probabilities (default: apply RUN/calibration.json)")
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval)")
     p.set_defaults(func=run)
 
@@ -37,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
 
     check_output_dir(Path(args.out) if args.out else RunFolder(args.run).eval_dir)
     m = evaluate_run(args.run, cache=args.cache, checkpoint=args.checkpoint, tta=args.tta,
-                     out_dir=args.out)
+                     out_dir=args.out, calibrate=args.calibrate)
     recall = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a"
                        for k, v in m["recall"].items())
     ba = m["balanced_accuracy"]
@@ -50,4 +53,10 @@ def run(args: argparse.Namespace) -> int:
                       if isinstance(v, float) and k != "score")
     print(f"competition metric, this condition's part(s) only, on these predictions ({parts}): "
           f"score {m['competition_score']:.4f}")
+    cal = m["calibration"]
+    if cal["applied"]:
+        print(f"calibrated (temperature {cal['temperature']:.3f}, prior mix "
+              f"{cal['prior_mix']:.3f}); uncalibrated: weighted log loss "
+              f"{cal['uncalibrated_weighted_logloss']:.4f}, score "
+              f"{cal['uncalibrated_competition_score']:.4f}")
     return 0

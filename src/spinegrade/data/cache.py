@@ -51,6 +51,14 @@ META_FILE = "meta.json"
 # Settings that do not change a crop's pixels; every other key (including ones added to the
 # config later) is part of the cache key, so a new setting errs on the side of a rebuild.
 NON_PIXEL_FIELDS: frozenset[str] = frozenset({"folds", "fold", "num_workers"})
+# Where the crops are centred (data.jitter), not how a crop is made, with their "off"
+# values: part of the key only when set (so caches made before they existed keep their
+# keys), and never compared by check_cache_matches (a run trained on jittered or
+# predicted-coordinate crops is evaluated on any cache, and predicts with plain crops).
+PLACEMENT_OFF: dict[str, Any] = {
+    "coordinates": "labels", "coordinates_csv": "", "jitter_mm": 0.0, "jitter_px": 0.0,
+    "jitter_distribution": "normal", "jitter_slices": [], "jitter_seed": 0,
+}
 
 
 # --- cache key ---------------------------------------------------------------------------------
@@ -65,7 +73,8 @@ def pixel_config(settings: Mapping[str, Any]) -> dict[str, Any]:
     """
     out = {k: v for k, v in sorted(settings.items()) if k not in NON_PIXEL_FIELDS}
     out["preprocess_version"] = PREPROCESS_VERSION
-    return json.loads(json.dumps(out))  # tuples -> lists, so dicts from JSON compare equal
+    out = json.loads(json.dumps(out))  # tuples -> lists, so dicts from JSON compare equal
+    return {k: v for k, v in out.items() if k not in PLACEMENT_OFF or v != PLACEMENT_OFF[k]}
 
 
 def cache_key(settings: Mapping[str, Any], dataset: str = "") -> str:
@@ -128,7 +137,7 @@ def check_cache_matches(settings: Mapping[str, Any], cached: dict) -> None:
     Only keys the cache recorded are compared, so caches written by ``CropCache.create``
     with partial settings are accepted.
     """
-    want = pixel_config(settings)
+    want = {k: v for k, v in pixel_config(settings).items() if k not in PLACEMENT_OFF}
     have = {k: v for k, v in json.loads(json.dumps(cached)).items() if k in want}
     diffs = [f"data.{k}: cache has {have[k]!r}, config has {want[k]!r}"
              for k in sorted(have) if have[k] != want[k]]

@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import sys
-import threading
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -48,8 +47,9 @@ from spinegrade.data.cache import (
     is_current_cache,
     write_index,
 )
+from spinegrade.data.jitter import check_settings, jitter_requests, training_index
 from spinegrade.data.preprocess import CropRequest, VolumeCropper, build_cropper
-from spinegrade.data.rsna import build_index, series_folder
+from spinegrade.data.rsna import series_folder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.io.dicom import Volume, read_series
@@ -290,12 +290,13 @@ def _init_worker() -> None:
 
 
 def make_tasks(data_dir: str | Path, index: pd.DataFrame, shards_dir: Path,
-               crops_file: Path) -> list[SeriesTask]:
-    """One task per series of the index, sample ids = index positions, in index order."""
+               crops_file: Path, settings: Mapping[str, Any] | None = None) -> list[SeriesTask]:
+    """One task per series, sample ids = index positions; jitter from ``settings``."""
     tasks = []
     for (study, series), group in index.groupby(["study_id", "series_id"], sort=True):
         requests = tuple(CropRequest(int(r.instance_number), float(r.x), float(r.y))
                          for r in group.itertuples())
+        requests = jitter_requests(requests, list(group.index), settings or {})
         tasks.append(SeriesTask(str(data_dir), int(study), int(series),
                                 tuple(int(i) for i in group.index), requests,
                                 str(shards_dir / f"{study}_{series}.json"), str(crops_file)))
@@ -312,11 +313,11 @@ def _start_method() -> str:
     """'fork' on Linux when it is safe, else 'spawn'.
 
     fork starts a worker in milliseconds instead of re-importing numpy/pandas/OpenCV/pydicom
-    (~0.6 s each). It is safe while this process runs no other thread (a forked child would
-    inherit locks held by them) and has not initialised CUDA; workers set OpenCV to one
-    thread, so no OpenCV thread pool state is used in them.
+    (~0.6 s each). It is safe while this process runs no other thread, native ones included
+    (/proc/self/task: a child forked after OpenCV's pool started hangs in cv2.setNumThreads)
+    and has not initialised CUDA; workers set OpenCV to one thread.
     """
-    if not sys.platform.startswith("linux") or threading.active_count() > 1:
+    if not sys.platform.startswith("linux") or len(os.listdir("/proc/self/task")) > 1:
         return "spawn"
     torch = sys.modules.get("torch")
     if torch is not None and getattr(torch, "cuda", None) is not None:
@@ -472,7 +473,8 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     """
     data_dir = Path(data_dir)
     condition = settings["condition"]
-    index, problems = build_index(data_dir, condition)
+    check_settings(settings)
+    index, problems = training_index(data_dir, settings)
     dataset = dataset_fingerprint(data_dir)
     cache_dir = Path(out_dir) / cache_key(settings, dataset["fingerprint"])
     fingerprint = _index_fingerprint(index)
@@ -486,7 +488,7 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     partial = _partial_store(cache_dir, fingerprint, _crops_shape(len(index), settings))
     shards_dir = cache_dir / SHARDS_DIR
     shards_dir.mkdir(parents=True, exist_ok=True)
-    tasks = make_tasks(data_dir, index, shards_dir, partial)
+    tasks = make_tasks(data_dir, index, shards_dir, partial, settings)
     _run_tasks(tasks, settings, workers, progress)
     _consolidate(cache_dir, index, tasks, problems, settings,
                  {"cache_key": cache_dir.name, "index_fingerprint": fingerprint,

@@ -295,11 +295,20 @@ def _shifted_in_plane(volume: Any, c: int, j: int, spacing: np.ndarray) -> bool:
 
 @dataclass(frozen=True)
 class CropRequest:
-    """One crop to cut: a point on one instance of a series (no label needed)."""
+    """One crop to cut: a point on one instance of a series (no label needed).
+
+    The last three fields are a training-time placement error (``data.jitter``): the centre
+    slice moved by ``slice_offset`` slices in spatial order, the point by ``shift_mm``
+    (x, y; through the slice's PixelSpacing) plus ``shift_px`` native pixels, clipped to
+    the image. Prediction never sets them.
+    """
 
     instance_number: int
     x: float
     y: float
+    slice_offset: int = 0
+    shift_mm: tuple[float, float] = (0.0, 0.0)
+    shift_px: tuple[float, float] = (0.0, 0.0)
 
 
 class VolumeCropper:
@@ -334,25 +343,51 @@ class VolumeCropper:
             raise CoordinateOutOfImage(
                 f"({request.x:.1f}, {request.y:.1f}) outside the {w}x{h} image of instance "
                 f"{request.instance_number}")
+        c, x, y = self._placed(volume, c, request)
         spacing_c = np.asarray(volume.pixel_spacing[c], dtype=np.float64)
         rx, ry = crop_radius_px(self.crop.size, self.radius_scale, self.radius_mm, spacing_c)
         plan = []
         for j in slice_indices(c, len(volume.slices), self.n_slices):
             j = int(j)
-            spacing_j = np.asarray(volume.pixel_spacing[j], dtype=np.float64)
-            same = (volume.slices[j].shape == (h, w)
-                    and np.allclose(spacing_j, spacing_c, rtol=1e-6, equal_nan=True)
-                    and not _shifted_in_plane(volume, c, j, spacing_c))
+            same = self._same_grid(volume, c, j)
             if same:
-                plan.append((j, request.x, request.y, rx, ry))
+                plan.append((j, x, y, rx, ry))
                 continue
             # Different grid: same anatomy through patient coordinates, same extent in mm.
-            xj, yj = map_point(request.x, request.y, volume.positions[c], spacing_c,
+            spacing_j = np.asarray(volume.pixel_spacing[j], dtype=np.float64)
+            xj, yj = map_point(x, y, volume.positions[c], spacing_c,
                                volume.positions[j], spacing_j, volume.orientation)
             rxj = max(1, round(rx * spacing_c[1] / spacing_j[1]))
             ryj = max(1, round(ry * spacing_c[0] / spacing_j[0]))
             plan.append((j, xj, yj, rxj, ryj))
         return plan
+
+    @staticmethod
+    def _same_grid(volume: Any, c: int, j: int) -> bool:
+        """Whether slice j's pixels lie where slice c's do (same size, spacing, in-plane)."""
+        spacing_c = np.asarray(volume.pixel_spacing[c], dtype=np.float64)
+        spacing_j = np.asarray(volume.pixel_spacing[j], dtype=np.float64)
+        return (volume.slices[j].shape == volume.slices[c].shape
+                and np.allclose(spacing_j, spacing_c, rtol=1e-6, equal_nan=True)
+                and not _shifted_in_plane(volume, c, j, spacing_c))
+
+    def _placed(self, volume: Any, c: int, request: CropRequest) -> tuple[int, float, float]:
+        """(centre slice, x, y) after the request's placement error, x and y in that slice."""
+        x, y = float(request.x), float(request.y)
+        if (request.slice_offset, request.shift_mm, request.shift_px) == (0, (0.0, 0.0),
+                                                                         (0.0, 0.0)):
+            return c, x, y
+        if request.shift_mm != (0.0, 0.0):
+            row_sp, col_sp = (float(v) for v in volume.pixel_spacing[c])
+            if row_sp > 0 and col_sp > 0:  # NaN spacing: no mm shift can be placed
+                x, y = x + request.shift_mm[0] / col_sp, y + request.shift_mm[1] / row_sp
+        x, y = x + request.shift_px[0], y + request.shift_px[1]
+        j = int(np.clip(c + request.slice_offset, 0, len(volume.slices) - 1))
+        if j != c and not self._same_grid(volume, c, j):
+            x, y = map_point(x, y, volume.positions[c], volume.pixel_spacing[c],
+                             volume.positions[j], volume.pixel_spacing[j], volume.orientation)
+        h, w = volume.slices[j].shape
+        return j, float(np.clip(x, 0.0, w - 1.0)), float(np.clip(y, 0.0, h - 1.0))
 
     def process_slice(self, volume: Any, j: int) -> np.ndarray:
         """Windows + CLAHE of slice ``j`` of the volume, channel-last uint8 ``(H, W, 3)``."""

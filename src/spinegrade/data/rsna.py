@@ -217,7 +217,19 @@ def read_series_descriptions(data_dir: str | Path, problems: list[Problem],
 
 def read_coordinates(data_dir: str | Path, problems: list[Problem],
                      conditions: Sequence[str] = CONDITIONS) -> pd.DataFrame:
-    """The usable points of ``train_label_coordinates.csv`` for ``conditions``.
+    """:func:`coordinate_points` of ``DATA/train_label_coordinates.csv``.
+
+    Raises:
+        UserError: the file is missing, unreadable or lacks columns.
+    """
+    df = _read_csv(Path(data_dir) / COORDINATES_CSV, COORD_COLUMNS)
+    return coordinate_points(df, problems, conditions)
+
+
+def coordinate_points(df: pd.DataFrame, problems: list[Problem],
+                      conditions: Sequence[str] = CONDITIONS, file: str = COORDINATES_CSV
+                      ) -> pd.DataFrame:
+    """The usable points of a ``train_label_coordinates.csv`` frame for ``conditions``.
 
     Rows of an unknown condition, and rows of ``conditions`` with a bad id, level or
     coordinate, become Problems; rows of other known conditions are passed over silently.
@@ -225,18 +237,14 @@ def read_coordinates(data_dir: str | Path, problems: list[Problem],
     Returns:
         ``POINT_COLUMNS``: ints ``study_id, series_id, instance_number, level_idx, row``
         (1-based data row), ``condition`` in column form, float ``x, y``; in file order.
-
-    Raises:
-        UserError: the file is missing, unreadable or lacks columns.
     """
-    df = _read_csv(Path(data_dir) / COORDINATES_CSV, COORD_COLUMNS)
     wanted = set(conditions)
     rows = []
     for row, rec in _records(df):
         study, series = _as_int(rec["study_id"]), _as_int(rec["series_id"])
         if study is None and series is None and pd.isna(rec["condition"]):
             continue  # blank line
-        where = dict(study_id=study, series_id=series, file=COORDINATES_CSV, row=row)
+        where = dict(study_id=study, series_id=series, file=file, row=row)
         title = str(rec["condition"]).strip()
         if title not in TITLE_TO_CONDITION:
             problems.append(Problem.skipped(kind="unknown_condition", **where,
@@ -273,15 +281,16 @@ def _point(rec: dict, where: dict, problems: list[Problem]
 
 
 def _join(data_dir: Path, condition: str, points: pd.DataFrame, labels: dict[tuple[int, int], int],
-          descriptions: dict[int, str], problems: list[Problem]) -> list[dict]:
+          descriptions: dict[int, str], problems: list[Problem], file: str = COORDINATES_CSV
+          ) -> list[dict]:
     """Match points with labels and series; unmatched labels/points are Problems."""
     expected = CONDITION_SERIES[condition]
     out, seen = [], set()
-    points, left_out = _resolve_duplicate_points(points, condition, problems)
+    points, left_out = _resolve_duplicate_points(points, condition, problems, file)
     seen.update(left_out)  # their labels are not reported again as lacking a point
     for c in points.to_dict("records"):
         study, series, li = c["study_id"], c["series_id"], c["level_idx"]
-        where = dict(study_id=study, series_id=series, file=COORDINATES_CSV, row=c["row"])
+        where = dict(study_id=study, series_id=series, file=file, row=c["row"])
         seen.add((study, li))
         desc = _usable_series(data_dir, c, labels, descriptions, where, problems)
         if desc is None:
@@ -296,11 +305,12 @@ def _join(data_dir: Path, condition: str, points: pd.DataFrame, labels: dict[tup
     for study, li in sorted(set(labels) - seen):
         problems.append(Problem.skipped(kind="no_coordinates", study_id=study, file=TRAIN_CSV,
                                         message=f"label for {LEVELS[li]} has no point in "
-                                                f"{COORDINATES_CSV}"))
+                                                f"{file}"))
     return out
 
 
-def _resolve_duplicate_points(points: pd.DataFrame, condition: str, problems: list[Problem]
+def _resolve_duplicate_points(points: pd.DataFrame, condition: str, problems: list[Problem],
+                              file: str = COORDINATES_CSV
                               ) -> tuple[pd.DataFrame, list[tuple[int, int]]]:
     """One point per (study, level): identical repeats kept once, disagreeing ones dropped.
 
@@ -322,7 +332,7 @@ def _resolve_duplicate_points(points: pd.DataFrame, condition: str, problems: li
         rows = " and ".join(str(r) for r in group["row"])
         for _, g in group.iloc[1:].iterrows():
             where = dict(study_id=int(study), series_id=int(g["series_id"]),
-                         file=COORDINATES_CSV, row=int(g["row"]))
+                         file=file, row=int(g["row"]))
             if same:
                 problems.append(Problem.warning(
                     kind="duplicate_coordinate", **where,
@@ -363,13 +373,19 @@ def _usable_series(data_dir: Path, point: dict, labels: dict[tuple[int, int], in
     return desc
 
 
-def build_index(data_dir: str | Path, condition: str = CONDITIONS[0]) -> tuple[pd.DataFrame, list[Problem]]:
+def build_index(data_dir: str | Path, condition: str = CONDITIONS[0], *,
+                coordinates: pd.DataFrame | None = None, coordinates_file: str = COORDINATES_CSV
+                ) -> tuple[pd.DataFrame, list[Problem]]:
     """The sample index of one condition.
 
     Args:
         data_dir: folder with ``train.csv``, ``train_label_coordinates.csv``,
             ``train_series_descriptions.csv`` and ``train_images/``.
         condition: one of ``constants.CONDITIONS``.
+        coordinates: points to centre the crops on instead of the labelled ones (a
+            ``train_label_coordinates.csv``-format frame, e.g. predicted out of fold);
+            labels without a point there are left out (``no_coordinates``).
+        coordinates_file: the name problems give those points.
 
     Returns:
         ``(index, problems)``: index has one row per usable (study, condition, level) with
@@ -387,8 +403,11 @@ def build_index(data_dir: str | Path, condition: str = CONDITIONS[0]) -> tuple[p
     labels = {(r["study_id"], r["level_idx"]): r["label"]
               for r in label_rows.to_dict("records")}
     descriptions = read_series_descriptions(data_dir, problems)
-    points = read_coordinates(data_dir, problems, (condition,))
-    rows = _join(data_dir, condition, points, labels, descriptions, problems)
+    if coordinates is None:
+        points = read_coordinates(data_dir, problems, (condition,))
+    else:
+        points = coordinate_points(coordinates, problems, (condition,), coordinates_file)
+    rows = _join(data_dir, condition, points, labels, descriptions, problems, coordinates_file)
     index = pd.DataFrame(rows, columns=list(INDEX_COLUMNS))
     index = index.sort_values(["study_id", "level_idx"], kind="stable").reset_index(drop=True)
     for col in ("study_id", "series_id", "instance_number", "level_idx", "label"):

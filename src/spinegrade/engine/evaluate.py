@@ -14,6 +14,7 @@ from spinegrade.constants import CLASS_NAMES, LEVELS
 from spinegrade.data.cache import CropCache, resolve_cache_dir
 from spinegrade.data.dataset import CropDataset
 from spinegrade.engine import run_folder as rf
+from spinegrade.engine.calibrate import load_calibration
 from spinegrade.engine.distributed import shard
 from spinegrade.engine.loop import Settings, _loader, make_run_model, seed_everything
 from spinegrade.engine.rerun import check_cache_unchanged
@@ -60,7 +61,8 @@ def _rows_to_score(run: RunFolder, cache_arg: str | Path | None, fold: int
 
 
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoint: str = "final",
-                 tta: bool = True, out_dir: str | Path | None = None) -> dict[str, Any]:
+                 tta: bool = True, out_dir: str | Path | None = None,
+                 calibrate: bool = True) -> dict[str, Any]:
     """Score ``checkpoint`` of a run and write metrics.json, predictions.csv and figures.
 
     Args:
@@ -71,6 +73,9 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
             model of oof.csv and of ``predict``'s default) / best / last / swa.
         tta: average the TTA views of ``eval.tta_brightness`` and ``eval.tta_scales``.
         out_dir: where to write (default ``run_dir/eval``).
+        calibrate: apply the run's calibration.json (temperature, bias, prior mix) to the
+            probabilities before scoring them; the uncalibrated figures are kept under
+            ``calibration``.
 
     Returns:
         The metrics written to metrics.json.
@@ -88,12 +93,31 @@ def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoin
     loader = _loader(CropDataset(data, shard_rows), cfg.eval.batch_size, cfg, s, shuffle=False)
     views = tta_views(cfg.eval.tta_brightness, cfg.eval.tta_scales) if tta else tta_views()
     pred = evaluate(model, loader, loss_fn, s, views)
+    pred, calibration = _calibrated(run, pred, data.index, cfg.data.condition, checkpoint,
+                                    calibrate)
     metrics = _metrics(pred, checkpoint, tta, len(views), what, ck.epoch)
+    metrics["calibration"] = calibration
     metrics["competition"] = _competition(pred, data.index, cfg.data.condition)
     metrics["competition_score"] = metrics["competition"]["score"]
     if s.is_main:
         _write(Path(out_dir) if out_dir else run.eval_dir, metrics, pred, data.index)
     return metrics
+
+
+def _calibrated(run: RunFolder, pred: dict, index: pd.DataFrame, condition: str,
+                checkpoint: str, calibrate: bool) -> tuple[dict, dict]:
+    """``pred`` with the run's calibration applied, and what was applied (with the
+    uncalibrated weighted log loss and competition score, for comparison)."""
+    rc = load_calibration(run, checkpoint) if calibrate else None
+    if rc is None:
+        return pred, {"applied": False}
+    raw = _competition(pred, index, condition)
+    info = {"applied": True, "fitted_on": rc.checkpoint, "method": rc.method,
+            **rc.calibration.to_dict(),
+            "uncalibrated_weighted_logloss": summarize(pred["label"], pred["probs"])[
+                "weighted_logloss"],
+            "uncalibrated_competition_score": raw["score"]}
+    return {**pred, "probs": rc.probs(pred["probs"], pred["level"])}, info
 
 
 def _metrics(pred: dict, checkpoint: str, tta: bool, n_views: int, what: str, epoch: int) -> dict:

@@ -43,6 +43,7 @@ from spinegrade.constants import (
 )
 from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
+from spinegrade.engine.calibrate import RunCalibration, load_calibration, prior_mix_of
 from spinegrade.engine.localization_check import LOCALIZATION_FILE, LocalizationCheck
 from spinegrade.engine.localize import LocalizerRun
 from spinegrade.engine.loop import resolve_device
@@ -55,8 +56,10 @@ from spinegrade.engine.run_folder import (
 from spinegrade.engine.studies import (
     StudyInput,
     _int,
+    check_locations,
     locate_levels,
     read_volumes,
+    refused_levels,
     series_type,
     studies_from_dataset,
     study_from_folder,
@@ -151,6 +154,7 @@ class ClassifierRun:
         cropper: crops exactly as the run's cache was made.
         views: TTA views.
         prior: (5, 3) prior used where a level cannot be graded.
+        calibration: the run's calibration.json (``predict.calibrate``), or None.
     """
 
     path: Path
@@ -163,6 +167,7 @@ class ClassifierRun:
     prior: np.ndarray
     device: torch.device
     checkpoint: str = "best"
+    calibration: RunCalibration | None = None
 
     @classmethod
     def load(cls, path: Path, weight: float, pcfg: PredictConfig, device: torch.device
@@ -188,7 +193,8 @@ class ClassifierRun:
         if prior is None:
             prior = default_prior(cond, pcfg.prior_reweight)
         return cls(path, weight, cfg, cond, model, build_cropper(cfg.data), views, prior, device,
-                   ck_path.stem)
+                   ck_path.stem,
+                   load_calibration(run, checkpoint=ck_path.stem) if pcfg.calibrate else None)
 
     @torch.no_grad()
     def grade(self, volume: Volume, requests: Sequence[tuple[int, CropRequest]],
@@ -206,8 +212,11 @@ class ClassifierRun:
             x = torch.from_numpy(np.stack([c for _, c in chunk])).to(self.device).float() / 255.0
             level = torch.tensor([lv for lv, _ in chunk], dtype=torch.int64, device=self.device)
             probs, _ = predict_views(self.model, x, level, self.views)
-            for (lv, _), p in zip(chunk, probs.cpu().numpy(), strict=True):
-                out[lv] = p.astype(np.float64)
+            probs = probs.cpu().numpy().astype(np.float64)
+            if self.calibration is not None:  # temperature and bias; the mix comes later
+                probs = self.calibration.probs(probs, mix=False)
+            for (lv, _), p in zip(chunk, probs, strict=True):
+                out[lv] = p
         return out
 
 
@@ -253,8 +262,10 @@ def _grade_condition(cond: str, runs: Sequence[ClassifierRun], located: pd.DataF
                      volumes: dict[str, tuple[str, Volume]], pcfg: PredictConfig,
                      min_score: float) -> tuple[dict[int, np.ndarray], dict[int, str]]:
     """Per level: the weighted mean of the runs' probabilities, or None with the reason."""
+    refused = refused_levels(located, cond)
     here = located[(located["condition"] == cond) & (located["score"] >= min_score)]
-    here = here[here["series_id"].isin(list(volumes))]
+    here = here[here["series_id"].isin(list(volumes))
+                & ~here["level_idx"].astype(int).isin(list(refused))]
     requests: dict[str, list[tuple[int, CropRequest]]] = {}
     for r in here.itertuples():
         requests.setdefault(r.series_id, []).append(
@@ -275,7 +286,8 @@ def _grade_condition(cond: str, runs: Sequence[ClassifierRun], located: pd.DataF
     reasons = {}
     for lv in range(len(LEVELS)):
         if lv not in probs:
-            reasons[lv] = errors.get(lv, "not located")
+            reasons[lv] = (f"not located ({refused[lv]})" if lv in refused
+                           else errors.get(lv, "not located"))
     return probs, reasons
 
 
@@ -283,8 +295,12 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
                   pcfg: PredictConfig, problems: list[Problem]) -> StudyResult:
     """All 25 (condition, level) predictions of one study; never raises on bad input data."""
     start = time.perf_counter()
-    volumes = read_volumes(st, problems)
+    volumes = read_volumes(st, problems, check_anatomy=pcfg.check_anatomy)
     located = locate_levels(localizer, st, volumes, problems)
+    min_score = (pcfg.min_location_score if pcfg.min_location_score >= 0
+                 else localizer.lcfg.min_score)
+    if pcfg.check_anatomy:
+        located = check_locations(located, volumes, min_score, problems, st.study_id)
     probs: dict[tuple[str, int], np.ndarray] = {}
     source: dict[tuple[str, int], str] = {}
     for cond in CONDITIONS:
@@ -296,12 +312,11 @@ def predict_study(st: StudyInput, localizer: LocalizerRun, classifiers: dict[str
             continue
         total = sum(r.weight for r in runs)
         prior = sum(r.weight * r.prior for r in runs) / total
-        min_score = (pcfg.min_location_score if pcfg.min_location_score >= 0
-                     else localizer.lcfg.min_score)
         got, reasons = _grade_condition(cond, runs, located, volumes, pcfg, min_score)
+        mix = prior_mix_of(runs, pcfg.prior_mix)
         for lv in range(len(LEVELS)):
             if lv in got:
-                mixed = (1.0 - pcfg.prior_mix) * got[lv] + pcfg.prior_mix * prior[lv]
+                mixed = (1.0 - mix) * got[lv] + mix * prior[lv]
                 probs[(cond, lv)], source[(cond, lv)] = mixed, "model"
                 continue
             probs[(cond, lv)], source[(cond, lv)] = prior[lv], f"prior: {reasons[lv]}"
@@ -325,16 +340,27 @@ def submission_rows(result: StudyResult) -> list[dict]:
     return rows
 
 
+NOT_GRADED = "not graded"
+
+
 def grade_table(result: StudyResult) -> pd.DataFrame:
-    """Per (level, condition): probabilities, predicted grade and where they came from."""
+    """Per (level, condition): probabilities, predicted grade and where they came from.
+
+    This is the table shown to a person: a row that came from the prior (not located, no
+    classifier, refused anatomy) shows no probabilities and the grade "not graded", so a
+    prior is never read as a diagnosis (the submission still carries its probabilities).
+    """
     rows = []
     for lv, level in enumerate(LEVELS):
         for cond in CONDITIONS:
-            p = result.probs[(cond, lv)] / np.sum(result.probs[(cond, lv)])
-            rows.append({"level": level, "condition": cond,
-                         **dict(zip(CLASS_NAMES, np.round(p, 3), strict=True)),
-                         "grade": SEVERITIES[int(np.argmax(p))],
-                         "source": result.source[(cond, lv)]})
+            src = result.source[(cond, lv)]
+            if src == "model":
+                p = result.probs[(cond, lv)] / np.sum(result.probs[(cond, lv)])
+                cells = {**dict(zip(CLASS_NAMES, np.round(p, 3), strict=True)),
+                         "grade": SEVERITIES[int(np.argmax(p))]}
+            else:
+                cells = {**dict.fromkeys(CLASS_NAMES, ""), "grade": NOT_GRADED}
+            rows.append({"level": level, "condition": cond, **cells, "source": src})
     return pd.DataFrame(rows)
 
 
@@ -473,7 +499,7 @@ def config_copy(out: Path) -> Path:
     return out.with_name(f"{out.stem}_config.yaml")
 
 
-__all__ = ["ClassifierRun", "PredictOutput", "StudyInput", "StudyResult", "default_prior",
+__all__ = ["NOT_GRADED", "ClassifierRun", "PredictOutput", "StudyInput", "StudyResult", "default_prior",
            "grade_table", "load_classifiers", "parse_classifier_spec", "predict", "predict_study",
            "prior_probs", "series_type", "studies_from_dataset", "study_from_folder",
            "submission_rows", "training_prior"]

@@ -162,7 +162,7 @@ def clear_outputs(run: RunFolder) -> list[Path]:
         What was removed.
     """
     names = [run.config, run.run_info, run.split, run.metrics, run.health, run.final,
-             run.oof, run.report, run.tensorboard, run.plots, run.eval_dir,
+             run.oof, run.calibration, run.report, run.tensorboard, run.plots, run.eval_dir,
              run.checkpoint("last").parent]
     removed = []
     for path in names:

@@ -40,6 +40,8 @@ METRICS_FILE = "metrics.csv"
 HEALTH_FILE = "health.json"
 FINAL_FILE = "final.json"
 OOF_FILE = "oof.csv"
+# Temperature / bias / prior mix fitted on oof.csv after training (engine.calibrate).
+CALIBRATION_FILE = "calibration.json"
 REPORT_FILE = "report.html"
 TENSORBOARD_DIR = "tb"
 CHECKPOINT_DIR = "checkpoints"
@@ -61,6 +63,7 @@ SLICE_WEIGHTS_PNG = "slice_weights.png"
 LOCALIZER_METRICS_FILE = "localizer_metrics.csv"
 VAL_PREDICTIONS_FILE = "val_predictions.csv"
 OVERLAY_PNG = "overlay.png"
+RELIABILITY_PNG = "reliability.png"
 
 
 @dataclass(frozen=True)
@@ -99,6 +102,10 @@ class RunFolder:
     @property
     def oof(self) -> Path:
         return self.root / OOF_FILE
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / CALIBRATION_FILE
 
     @property
     def report(self) -> Path:

@@ -36,6 +36,7 @@ from spinegrade.engine import checkpoint as ckpt_io
 from spinegrade.engine import distributed as dist_util
 from spinegrade.engine import rerun
 from spinegrade.engine import run_folder as rf
+from spinegrade.engine.calibrate import calibrate_after_training
 from spinegrade.engine.loop import (
     Settings,
     build_loaders,
@@ -466,6 +467,9 @@ def _finish(t: Trainer) -> dict[str, Any]:
         summary["final_checkpoint"] = name
     if t.s.is_main:
         rf.write_predictions(t.run.oof, pred, t.loaders.index)
+        rc = calibrate_after_training(t.cfg, t.run, t.loaders.index, summary["final_checkpoint"])
+        if rc is not None:
+            summary["calibration"] = rc.calibration.to_dict()
         rf.write_json(t.run.final, summary)
         _print_summary(summary)
         rf.write_report(t.run)

@@ -70,6 +70,10 @@ class Volume:
     shapes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     files: list[Path] = field(default_factory=list)  # (n,) source file of each slice
     transfer_syntax_uid: str = ""
+    # Anatomy as the header of the stack's first slice names it ("" when absent).
+    body_part_examined: str = ""
+    study_description: str = ""
+    protocol_name: str = ""
 
     def __len__(self) -> int:
         return len(self.instance_numbers)
@@ -254,6 +258,9 @@ def _build_volume(series_dir: Path, headers: Sequence[SliceHeader],
         shapes=np.array([(h.rows, h.columns) for h in ordered], dtype=np.int64),
         files=[h.path for h in ordered],
         transfer_syntax_uid=main_syntax,
+        body_part_examined=ordered[0].body_part_examined,
+        study_description=ordered[0].study_description,
+        protocol_name=ordered[0].protocol_name,
     )
 
 

@@ -93,6 +93,10 @@ class SliceHeader:
     transfer_syntax_uid: str
     series_instance_uid: str
     series_description: str
+    # Anatomy as the header names it ("" when absent); read by data.plausibility.
+    body_part_examined: str = ""
+    study_description: str = ""
+    protocol_name: str = ""
 
     @property
     def has_geometry(self) -> bool:
@@ -118,6 +122,15 @@ class PixelDecodeError(Exception):
     def __init__(self, path: Path, reason: str) -> None:
         super().__init__(f"{path}: cannot decode pixels ({reason})")
         self.path = path
+
+
+def _text(value: object) -> str:
+    """A text element as str ("" when absent; several values joined by spaces)."""
+    if value is None:
+        return ""
+    if isinstance(value, (list, tuple, pydicom.multival.MultiValue)):
+        return " ".join(str(v).strip() for v in value).strip()
+    return str(value).strip()
 
 
 def _first(value: object) -> object:
@@ -228,6 +241,9 @@ def read_header(path: str | Path, *, with_pixels: bool = False) -> tuple[SliceHe
         transfer_syntax_uid=_transfer_syntax(ds),
         series_instance_uid=str(ds.get("SeriesInstanceUID", "")),
         series_description=str(ds.get("SeriesDescription", "")),
+        body_part_examined=_text(ds.get("BodyPartExamined")),
+        study_description=_text(ds.get("StudyDescription")),
+        protocol_name=_text(ds.get("ProtocolName")),
     )
     return header, ds, [note] if note else []
 

@@ -13,9 +13,12 @@ import yaml
 
 from spinegrade.constants import CLASS_NAMES, SEVERITIES
 from spinegrade.engine import run_folder as rf
+from spinegrade.engine.calibrate import load_calibration, oof_arrays
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.metrics import sample_weights
 from spinegrade.report import plots
+from spinegrade.report.calibration import plot_reliability
 
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:24px auto;
@@ -193,6 +196,28 @@ def _final_html(final: dict | None) -> str:
             "<code>evaluate</code> and <code>predict</code> all use it by default.</p>")
 
 
+def _calibration_section(run: RunFolder) -> tuple[list[Path], list[str]]:
+    """The reliability diagram of oof.csv before/after calibration.json, and its table."""
+    rc = load_calibration(run) if run.oof.is_file() else None
+    if rc is None:
+        return [], []
+    probs, labels, levels = oof_arrays(pd.read_csv(run.oof))
+    after = rc.probs(probs, levels)
+    weights = sample_weights(labels)
+    png = plot_reliability(probs, after, labels, run.plots / rf.RELIABILITY_PNG,
+                           weights=weights, title="out-of-fold, weights 1/2/4 by true grade")
+    c = rc.calibration
+    table = pd.DataFrame([
+        {"": "before", "weighted log loss": c.nll_before, "ECE": c.ece_before},
+        {"": "after", "weighted log loss": c.nll_after, "ECE": c.ece_after}])
+    bias = ", ".join(f"{b:+.3f}" for b in c.bias)
+    text = (f"<p>{html.escape(rc.method)} fitted on {c.n} out-of-fold predictions of the "
+            f"{html.escape(rc.checkpoint)} checkpoint: temperature {c.temperature:.3f}, "
+            f"bias [{bias}], prior mix {c.prior_mix:.3f} (applied by evaluate and predict; "
+            "ECE of the top-label confidence, 1/2/4-weighted)</p>")
+    return [png], ["<h2>Calibration</h2>", text, _table(table)]
+
+
 def build_report(run_dir: str | Path) -> Path:
     """Make the run's figures and gather them, with its tables, into ``run_dir/report.html``.
 
@@ -207,6 +232,8 @@ def build_report(run_dir: str | Path) -> Path:
     info = run.read_info()
     config_text = run.config.read_text() if run.config.is_file() else ""
     figs = _figures(run, metrics, evaluation)
+    cal_fig, cal_html = _calibration_section(run)
+    figs += cal_fig
     name = _title(run, info)
 
     parts = [f"<h1>spinegrade run: {html.escape(name)}</h1>",
@@ -226,6 +253,7 @@ def build_report(run_dir: str | Path) -> Path:
                   f"{html.escape(str(evaluation.get('scored', '')))}: "
                   f"balanced accuracy {evaluation['balanced_accuracy']:.4f}; recall {rec}; "
                   f"weighted log loss {evaluation.get('weighted_logloss', float('nan')):.4f}</p>"]
+    parts += cal_html
     if config_text:
         parts += ["<h2>Resolved config</h2>",
                   f"<details><summary>{rf.CONFIG_FILE}</summary><pre>{html.escape(config_text)}</pre>"

@@ -60,11 +60,14 @@ def plot_study(result: Any, path: str | Path, max_per_series: int = 3) -> Path:
         ax.imshow(_display(vol.slices[j]), cmap="gray")
         for r in rows.itertuples():
             col = LEVEL_COLOURS[int(r.level_idx)]
-            p = result.probs[(r.condition, int(r.level_idx))]
-            grade = SEVERITIES[int(np.argmax(p))]
-            ax.plot(r.x, r.y, "+", color=col, ms=9, mew=1.6)
+            key = (r.condition, int(r.level_idx))
+            graded = result.source.get(key) == "model"
+            # A prior is never shown as a grade: those points are marked as not graded.
+            grade = SEVERITIES[int(np.argmax(result.probs[key]))][:3] if graded else "n/g"
+            ax.plot(r.x, r.y, "+" if graded else "x", color=col if graded else "grey",
+                    ms=9, mew=1.6)
             label = CONDITION_ABBREVIATIONS.get(r.condition, r.condition)
-            ax.annotate(f"{label} {grade[:3]}", (r.x, r.y),
+            ax.annotate(f"{label} {grade}", (r.x, r.y),
                         xytext=(4, -4), textcoords="offset points", color=col, fontsize=6)
         ax.set_title(f"{vol.series_description or sid}\ninstance {vol.instance_numbers[j]}",
                      fontsize=7)
@@ -76,7 +79,8 @@ def plot_study(result: Any, path: str | Path, max_per_series: int = 3) -> Path:
 
 
 def _grade_grid(ax: plt.Axes, result: Any) -> None:
-    """Level x condition grid coloured by predicted grade; hatched where the prior was used."""
+    """Level x condition grid coloured by predicted grade; grey and hatched, with no grade
+    and no probability, where the prior was used (not graded)."""
     conds = list(CONDITIONS)
     ax.set_xlim(0, len(conds))
     ax.set_ylim(len(LEVEL_TITLES), 0)
@@ -84,11 +88,15 @@ def _grade_grid(ax: plt.Axes, result: Any) -> None:
         for c, cond in enumerate(conds):
             p = np.asarray(result.probs[(cond, i)])
             k = int(np.argmax(p))
-            prior = result.source[(cond, i)] != "model"
+            if result.source[(cond, i)] != "model":
+                ax.add_patch(plt.Rectangle((c, i), 1, 1, color="lightgrey", hatch="//",
+                                           ec="white"))
+                ax.text(c + 0.5, i + 0.5, "n/g", ha="center", va="center", fontsize=6)
+                continue
             ax.add_patch(plt.Rectangle((c, i), 1, 1, color=CLASS_COLOURS[k], alpha=0.35 + 0.6 * p[k],
-                                       hatch="//" if prior else None, ec="white"))
+                                       ec="white"))
             ax.text(c + 0.5, i + 0.5, f"{p[2]:.2f}", ha="center", va="center", fontsize=6)
     ax.set_xticks(np.arange(len(conds)) + 0.5, [CONDITION_ABBREVIATIONS[c] for c in conds],
                   fontsize=6)
     ax.set_yticks(np.arange(len(LEVEL_TITLES)) + 0.5, LEVEL_TITLES, fontsize=6)
-    ax.set_title("grade (colour) and P(severe); hatched = prior", fontsize=7)
+    ax.set_title("grade (colour) and P(severe); n/g = not graded (prior)", fontsize=7)
