@@ -93,6 +93,15 @@ RULES: dict[str, Rule] = {
     "data.folds": at_least(2, "5"),
     "data.fold": at_least(0, "0"),
     "data.num_workers": at_least(0, "2"),
+    "data.jitter_mm": at_least(0, "2.0"),
+    "data.jitter_px": at_least(0, "1.0"),
+    "data.jitter_seed": at_least(0, "0"),
+    "data.jitter_slices": Rule(lambda v: isinstance(v, tuple | list)
+                               and (len(v) == 0 or (len(v) % 2 == 1 and all(_num(x) and x >= 0
+                                                                           for x in v)
+                                                    and sum(v) > 0)),
+                               "an odd number of probabilities >= 0 (may be empty)",
+                               "[0.1,0.8,0.1]"),
     "model.aggregator_hidden": at_least(1, "256"),
     "model.aggregator_heads": at_least(1, "4"),
     "model.centre_weight_init": FINITE,
@@ -138,6 +147,7 @@ RULES: dict[str, Rule] = {
                             and all(_num(x) and x > 0 for x in v),
                             "positive factors (may be empty)", "[0.9,1.1]"),
     "eval.min_recall": FRACTION,
+    "eval.calibration_bins": at_least(2, "10"),
     "eval.min_recall_alarm": FRACTION,
     "eval.ba_spread_alarm": at_least(0, "0.05"),
     "eval.min_recall_by_epoch": at_least(1, "3"),
@@ -175,7 +185,9 @@ RULES: dict[str, Rule] = {
     "predict.min_location_score": Rule(lambda v: _num(v) and v <= 1,
                                        "a number <= 1 (< 0: the localizer run's min_score)",
                                        "0.05"),
-    "predict.prior_mix": FRACTION,
+    "predict.prior_mix": Rule(lambda v: _num(v) and v <= 1,
+                              "a number <= 1 (< 0: the weight each run chose out of fold)",
+                              "0.1"),
 }
 
 
