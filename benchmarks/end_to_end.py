@@ -227,7 +227,8 @@ def score_table(out: Path, train: Path, test: Path) -> tuple[dict, dict]:
     solution = solution_from_train(pd.read_csv(test / "train.csv"))
     sub = pd.read_csv(out / "predict" / "submission.csv")
     study_ids = pd.read_csv(test / "train.csv")["study_id"].dropna().astype(int)
-    prior = prior_submission(pd.read_csv(train / "train.csv"), study_ids, reweight=True)
+    prior = prior_submission(pd.read_csv(train / "train.csv"), study_ids, reweight=True,
+                             smooth=True)
     return competition_score(solution, sub), competition_score(solution, prior)
 
 

@@ -337,6 +337,18 @@ def test_prior_submission_is_the_column_frequency():
     np.testing.assert_allclose(re[PROBS].sum(axis=1), 1.0)
 
 
+def test_smoothed_prior_submission_has_no_exact_zero():
+    # One study, every level Normal/Mild: counts (1, 0, 0) per column. Add-one -> (2, 1, 1),
+    # x [1, 2, 4] -> (2, 2, 4) / 8, then the 1e-3 floor: 1e-3 + 0.997 * p.
+    train = realistic_train().head(1)
+    train.loc[:, TRAIN_COLUMNS[1:]] = "Normal/Mild"
+    raw = competition.prior_submission(train, study_ids=[1], reweight=True)
+    assert (raw[PROBS].to_numpy()[:, 1:] == 0).all()  # unsmoothed: exact zeros
+    sm = competition.prior_submission(train, study_ids=[1], reweight=True, smooth=True)
+    want = 1e-3 + 0.997 * np.array([0.25, 0.25, 0.5])
+    np.testing.assert_allclose(sm[PROBS].to_numpy(), np.tile(want, (25, 1)))
+
+
 def test_condition_score_on_one_condition_matches_hand_computation():
     # Two studies, two spinal levels each; study 1 has a Severe level, study 2 does not.
     studies = [1, 1, 2, 2]

@@ -37,6 +37,8 @@ from spinegrade.constants import (
     CONDITIONS,
     LEVELS,
     NUM_CLASSES,
+    PRIOR_FLOOR,
+    PRIOR_PSEUDO_COUNT,
     SEVERITY_TO_INDEX,
     SOLUTION_WEIGHT_COLUMN,
     SUBMISSION_COLUMNS,
@@ -417,7 +419,7 @@ def class_prior(counts: np.ndarray, *, reweight: bool, pseudo_count: float = 0.0
 
 
 def prior_submission(train: pd.DataFrame, study_ids: Iterable[int | str] | None = None, *,
-                     reweight: bool = False) -> pd.DataFrame:
+                     reweight: bool = False, smooth: bool = False) -> pd.DataFrame:
     """A submission predicting each train column's class frequencies for every study.
 
     Args:
@@ -425,6 +427,9 @@ def prior_submission(train: pd.DataFrame, study_ids: Iterable[int | str] | None 
         study_ids: studies to predict; default the train frame's studies.
         reweight: multiply the priors by ``CLASS_WEIGHTS`` and renormalise, the loss-optimal
             constant under the competition's weighting.
+        smooth: add-one counts and the ``PRIOR_FLOOR`` as for predict's fallback priors, so a
+            class unseen in a column is not an exact zero (the honest baseline to compare
+            predictions with: one exact zero costs ~34 nats times its weight).
 
     Returns:
         Submission frame (``row_id`` + probabilities), 25 rows per study. A column with no
@@ -435,7 +440,8 @@ def prior_submission(train: pd.DataFrame, study_ids: Iterable[int | str] | None 
               .reindex(columns=range(NUM_CLASSES), fill_value=0))
     index = pd.MultiIndex.from_product([CONDITIONS, LEVELS])
     prior = class_prior(counts.reindex(index, fill_value=0).to_numpy(dtype=np.float64),
-                        reweight=reweight)
+                        reweight=reweight, pseudo_count=PRIOR_PSEUDO_COUNT if smooth else 0.0,
+                        floor=PRIOR_FLOOR if smooth else 0.0)
     if study_ids is None:
         study_ids = labels["study_id"].unique()
     study_ids = list(study_ids)
