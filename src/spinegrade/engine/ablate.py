@@ -27,6 +27,7 @@ import pandas as pd
 from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_NAMES
 from spinegrade.data.cache import META_FILE, cache_key, resolve_cache_dir
+from spinegrade.data.prepare import prepare
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
@@ -129,8 +130,6 @@ def cache_for(cfg: Config, cache: Path, data_dir: Path | None = None, workers: i
         return cache
     keyed = cache / cache_key(settings)
     if data_dir is not None:
-        from spinegrade.data.prepare import prepare
-
         return prepare(data_dir, cache, settings, workers=workers)
     if (keyed / META_FILE).is_file():
         return keyed

@@ -31,6 +31,7 @@ from spinegrade import calibration as C
 from spinegrade.competition import class_prior
 from spinegrade.config import Config
 from spinegrade.constants import CLASS_NAMES, LEVELS, NUM_CLASSES
+from spinegrade.engine.run_folder import write_json
 from spinegrade.errors import UserError
 from spinegrade.metrics import sample_weights
 
@@ -149,7 +150,6 @@ def calibrate_run(run: Any, oof: pd.DataFrame, index: pd.DataFrame, *, method: s
         condition: the run's condition.
         n_bins: bins of the reported ECE.
     """
-    from spinegrade.engine.run_folder import write_json
 
     train = index[~index["row"].isin(oof["row"])]
     train_levels = train["level"].map({name: i for i, name in enumerate(LEVELS)})

@@ -22,8 +22,13 @@ from torch.utils.data import DataLoader, Sampler
 
 from spinegrade.config import Config
 from spinegrade.constants import NUM_CLASSES
+from spinegrade.data.augment import to_model_input
+from spinegrade.data.cache import check_cache_matches
+from spinegrade.data.dataset import CropDataset
 from spinegrade.engine import distributed as dist_util
 from spinegrade.errors import UserError
+from spinegrade.losses import build_loss
+from spinegrade.models import build_model
 
 
 @dataclass(frozen=True)
@@ -170,7 +175,6 @@ def _loader(dataset: Any, batch_size: int, cfg: Config, s: Settings, **kw: Any) 
 def build_loaders(cfg: Config, cache: Any, train_rows: np.ndarray, val_rows: np.ndarray,
                   s: Settings) -> Loaders:
     """Training loader (shuffle or weighted sampler), this process's validation shard, BN loader."""
-    from spinegrade.data.dataset import CropDataset
 
     if len(train_rows) == 0 or len(val_rows) == 0:
         raise UserError(f"fold {s.fold} leaves {len(train_rows)} training and {len(val_rows)} "
@@ -197,8 +201,6 @@ def make_run_model(cfg: Config, cache: Any, s: Settings, class_counts: list[int]
 
     ``for_inference`` skips pretrained weights (a checkpoint will be loaded over them).
     """
-    from spinegrade.losses import build_loss
-    from spinegrade.models import build_model
 
     _check_cache(cfg, cache)
     mcfg = cfg.model
@@ -213,7 +215,6 @@ def make_run_model(cfg: Config, cache: Any, s: Settings, class_counts: list[int]
 
 def _check_cache(cfg: Config, cache: Any) -> None:
     """Refuse a cache whose crops were made with other pixel settings than ``cfg.data``."""
-    from spinegrade.data.cache import check_cache_matches
 
     # meta.json's pixel_config also holds the preprocessing code version.
     check_cache_matches(dataclasses.asdict(cfg.data),
@@ -233,7 +234,6 @@ def recompute_bn(model: nn.Module, loader: DataLoader, s: Settings) -> None:
     from dict batches. Each process passes over all the training samples, so every process
     ends with identical statistics.
     """
-    from spinegrade.data.augment import to_model_input
 
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not bns:
