@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from timm.models import adapt_input_conv
 
 from spinegrade import choices
-from spinegrade.config import CHOICES, ConfigError, load_config
+from spinegrade.config import ConfigError, load_config
+from spinegrade.config_checks import CHOICES
 from spinegrade.constants import CORAL_PRIOR_LOGITS, NUM_CLASSES, NUM_LEVELS, PRIOR_LOGITS
 from spinegrade.errors import UserError
 from spinegrade.losses import build_loss

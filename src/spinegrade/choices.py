@@ -1,5 +1,5 @@
 """The names each registry serves, written once: the registries dispatch on them and
-``config.CHOICES`` validates against them.
+``config_checks.CHOICES`` validates against them.
 
 A leaf of plain tuples, so validating a config imports no torch (the registries themselves
 live in torch modules, and ``losses`` imports ``config``, so ``config`` cannot import them).

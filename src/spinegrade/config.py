@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import difflib
-import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,8 +18,7 @@ from typing import Any
 
 import yaml
 
-from spinegrade import choices
-from spinegrade.config_checks import config_problems
+from spinegrade.config_checks import CHOICES, coerce, config_problems
 from spinegrade.constants import (
     AXIAL_T2,
     CLASS_WEIGHTS,
@@ -30,13 +28,10 @@ from spinegrade.constants import (
     SAGITTAL_T1,
     SAGITTAL_T2,
 )
+from spinegrade.errors import ConfigError
 from spinegrade.io.atomic import atomic_write_text
 
 PACKAGE_CONFIG_DIR = Path(__file__).parent / "configs"
-
-
-class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message says what to fix."""
 
 
 @dataclass(frozen=True)
@@ -309,82 +304,8 @@ class Config:
     predict: PredictConfig = field(default_factory=PredictConfig)
 
 
-# Allowed values of the string options; checked when a config is built. Each list is the
-# one its registry serves (spinegrade.choices).
-CHOICES: dict[str, tuple[str, ...]] = {
-    "data.condition": CONDITIONS,
-    "data.window_preset": choices.WINDOW_PRESETS,
-    "data.window_channels": choices.WINDOW_CHANNELS,
-    "data.resize_interpolation": choices.RESIZE_INTERPOLATIONS,
-    "data.coordinates": choices.COORDINATE_SOURCES,
-    "data.jitter_distribution": choices.JITTER_DISTRIBUTIONS,
-    "model.input_mode": choices.INPUT_MODES,
-    "model.aggregator": choices.AGGREGATORS,
-    "model.level_conditioning": choices.LEVEL_CONDITIONINGS,
-    "model.slice_channel": choices.SLICE_CHANNELS,
-    "model.head": choices.HEADS,
-    "model.bias_init": choices.BIAS_INITS,
-    "model.head_init": choices.HEAD_INITS,
-    "model.stem_init": choices.STEM_INITS,
-    "loss.name": choices.LOSSES,
-    "loss.focal_form": choices.FOCAL_FORMS,
-    "train.sampler": choices.SAMPLERS,
-    "train.lr_schedule": choices.LR_SCHEDULES,
-    "train.select_metric": choices.SELECT_METRICS,
-    "train.dead_class_action": choices.DEAD_CLASS_ACTIONS,
-    "eval.calibration": choices.CALIBRATION_METHODS,
-    "predict.fallback": choices.PREDICT_FALLBACKS,
-    "predict.checkpoint": choices.PREDICT_CHECKPOINTS,
-}
 
 # --- loading ---------------------------------------------------------------------------------
-
-
-def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Check ``value`` against the annotation ``tp``; convert lists to tuples, ints to floats."""
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        errors = []
-        for arg in typing.get_args(tp):
-            try:
-                return _coerce(value, arg, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-    if tp is type(None):
-        if value is None:
-            return None
-        raise ConfigError(f"{where}: expected null, got {value!r}")
-    if origin is tuple:
-        if not isinstance(value, list | tuple):
-            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {value!r}")
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
-        if len(value) != len(args):
-            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
-        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is float:
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    raise ConfigError(f"{where}: unsupported type {tp}")
 
 
 def _build(cls: type, values: dict[str, Any], where: str) -> Any:
@@ -404,7 +325,7 @@ def _build(cls: type, values: dict[str, Any], where: str) -> Any:
         if dataclasses.is_dataclass(tp):
             kwargs[key] = _build(tp, value or {}, path)
         else:
-            kwargs[key] = _coerce(value, tp, path)
+            kwargs[key] = coerce(value, tp, path)
             if path in CHOICES and kwargs[key] not in CHOICES[path]:
                 raise ConfigError(
                     f"{path}: '{kwargs[key]}' is not one of: {', '.join(CHOICES[path])}"

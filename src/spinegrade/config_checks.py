@@ -7,15 +7,23 @@ and an example ``--set``, instead of a ZeroDivisionError an hour later. A new nu
 needs a line here (tests/test_config_checks.py fails until it has one).
 
 A leaf: the checks read attributes of whatever config object they are given, so
-``config.py`` can call :func:`config_problems` without an import cycle.
+``config.py`` can call :func:`config_problems` without an import cycle. Also the allowed
+values of the string options (:data:`CHOICES`, each the list its registry serves) and the
+type check of a YAML value against its annotation (:func:`coerce`).
 """
 
 from __future__ import annotations
 
 import math
+import types
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from spinegrade import choices
+from spinegrade.constants import CONDITIONS
+from spinegrade.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -228,3 +236,79 @@ def config_problems(cfg: Any) -> list[str]:
     if out:  # relations between broken values would only repeat them
         return out
     return [message(cfg) for check, message in RELATIONS if not check(cfg)]
+
+
+# Allowed values of the string options; checked when a config is built. Each list is the
+# one its registry serves (spinegrade.choices).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "data.condition": CONDITIONS,
+    "data.window_preset": choices.WINDOW_PRESETS,
+    "data.window_channels": choices.WINDOW_CHANNELS,
+    "data.resize_interpolation": choices.RESIZE_INTERPOLATIONS,
+    "data.coordinates": choices.COORDINATE_SOURCES,
+    "data.jitter_distribution": choices.JITTER_DISTRIBUTIONS,
+    "model.input_mode": choices.INPUT_MODES,
+    "model.aggregator": choices.AGGREGATORS,
+    "model.level_conditioning": choices.LEVEL_CONDITIONINGS,
+    "model.slice_channel": choices.SLICE_CHANNELS,
+    "model.head": choices.HEADS,
+    "model.bias_init": choices.BIAS_INITS,
+    "model.head_init": choices.HEAD_INITS,
+    "model.stem_init": choices.STEM_INITS,
+    "loss.name": choices.LOSSES,
+    "loss.focal_form": choices.FOCAL_FORMS,
+    "train.sampler": choices.SAMPLERS,
+    "train.lr_schedule": choices.LR_SCHEDULES,
+    "train.select_metric": choices.SELECT_METRICS,
+    "train.dead_class_action": choices.DEAD_CLASS_ACTIONS,
+    "eval.calibration": choices.CALIBRATION_METHODS,
+    "predict.fallback": choices.PREDICT_FALLBACKS,
+    "predict.checkpoint": choices.PREDICT_CHECKPOINTS,
+}
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; convert lists to tuples, ints to floats."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        errors = []
+        for arg in typing.get_args(tp):
+            try:
+                return coerce(value, arg, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+    if tp is type(None):
+        if value is None:
+            return None
+        raise ConfigError(f"{where}: expected null, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, list | tuple):
+            raise ConfigError(f"{where}: expected a list ({_type_name(tp)}), got {value!r}")
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}: {value!r}")
+        return tuple(coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported type {tp}")
