@@ -286,7 +286,7 @@ def _load_or_make_split(cfg: Config, cache: Any, run: RunFolder, resume: bool, s
     if run.split.is_file() and resume:
         return load_split(run.root)
     # Every process computes the same split from the same seed; only the main one saves it.
-    split = make_folds(cache.index, cfg.data.folds, cfg.train.seed)
+    split = make_folds(cache.index, cfg.data.folds, cfg.data.split_seed)
     if s.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         save_split(split, run.root)
