@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine_fixtures import make_cache, tiny_config
+from spinegrade.config import DataConfig, TrainConfig
 from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
+from spinegrade.engine.train import fit
 from spinegrade.errors import UserError
 
 
@@ -55,11 +58,6 @@ def test_bad_requests_are_user_errors():
 
 def test_split_seed_alone_decides_the_folds(tmp_path):
     """train.seed changes the training, never the fold split; data.split_seed does."""
-    from engine_fixtures import make_cache, tiny_config
-
-    from spinegrade.config import DataConfig, TrainConfig
-    from spinegrade.engine.train import fit
-
     # The default keeps the split runs had when train.seed (default 42) made it.
     assert DataConfig().split_seed == TrainConfig().seed
     cache = make_cache(tmp_path / "cache", n_studies=12)

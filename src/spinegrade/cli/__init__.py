@@ -29,6 +29,7 @@ COMMANDS: tuple[str, ...] = (
     "predict",
     "score",
     "ablate",
+    "cv",
     "config_cmd",
 )
 
