@@ -101,6 +101,16 @@ def bootstrap(stat: Statistic, n_clusters: int, *, n_boot: int = N_BOOT, seed: i
             for j in range(len(estimate))]
 
 
+def mean_std(values) -> dict:
+    """Mean and sample standard deviation (ddof=1; 0 for a single value) of the finite values;
+    both None when there are none."""
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    v = v[~np.isnan(v)]
+    if v.size == 0:
+        return {"mean": None, "std": None}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
+
+
 def cluster_codes(ids: np.ndarray) -> tuple[np.ndarray, int]:
     """Integer code (0..n-1) of each row's cluster id, and the number of clusters."""
     _, codes = np.unique(np.asarray(ids).astype(str), return_inverse=True)

@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from spinegrade import calibration
-from spinegrade.bootstrap import N_BOOT, SEED, bootstrap
+from spinegrade.bootstrap import N_BOOT, SEED, bootstrap, mean_std
 from spinegrade.competition import (
     PROB_COLUMNS,
     ROW_ID,
@@ -142,15 +142,6 @@ def fold_summary(units: Sequence[Unit], preds: pd.DataFrame) -> dict:
            "per_level_recall": per_level_recall(y, p.argmax(axis=1), levels)}
     out.update({f"recall_{c}": m["recall"][c] for c in CLASS_NAMES})
     return out
-
-
-def mean_std(values: Sequence[float]) -> dict:
-    """Mean and sample standard deviation (ddof=1; 0 for one value), NaN-aware."""
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    v = v[~np.isnan(v)]
-    if v.size == 0:
-        return {"mean": None, "std": None}
-    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if v.size > 1 else 0.0}
 
 
 def fit_oof_calibration(labels: np.ndarray, probs: np.ndarray) -> dict:
