@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from engine_fixtures import cli_args
+from engine_fixtures import TINY_OVERRIDES, cli_args
 from spinegrade.cli import main
 from spinegrade.competition import competition_score, parse_row_ids, solution_from_train
 from spinegrade.engine import cv
@@ -31,8 +31,8 @@ from spinegrade.errors import UserError
 
 SPINAL = "spinal_canal_stenosis"
 # Two folds of one condition, two epochs each (SWA over the second): 2 small runs.
-CV_SETTINGS = ("--conditions", SPINAL, "--folds", "2", "--n-boot", "100",
-               *cli_args("train.epochs=2", "train.swa_start_epoch=2", "train.augment=false"))
+EXTRA = ("train.epochs=2", "train.swa_start_epoch=2", "train.augment=false")
+CV_SETTINGS = ("--conditions", SPINAL, "--folds", "2", "--n-boot", "100", *cli_args(*EXTRA))
 
 
 def _cv_args(synth_dir, out, *extra):
@@ -127,6 +127,20 @@ def test_predict_with_the_ensemble_equals_classifier_flags(synth_dir, cv_once, t
     a, b = pd.read_csv(tmp_path / "a.csv"), pd.read_csv(tmp_path / "b.csv")
     assert list(a["row_id"]) == list(b["row_id"])
     np.testing.assert_allclose(a.iloc[:, 1:].to_numpy(), b.iloc[:, 1:].to_numpy(), atol=1e-6)
+
+
+@pytest.mark.slow
+def test_one_subprocess_per_gpu_trains_the_same_runs(synth_dir, cv_once, tmp_path):
+    # Two "GPUs": both units run at once as `spinegrade train` subprocesses (on CPU here,
+    # each with its own CUDA_VISIBLE_DEVICES) and give the runs of the in-process call.
+    units = cv.plan_units("v8", [SPINAL], tmp_path, folds=2, overrides=[*TINY_OVERRIDES, *EXTRA])
+    caches = cv.prepare_caches(units, synth_dir, cv_once.parent / "cache")
+    rows = cv.train_units(units, caches, gpus=2, logs=tmp_path / "logs")
+    assert sorted(r["status"] for r in rows) == ["trained", "trained"]
+    assert len(list((tmp_path / "logs").glob("*.log"))) == 2
+    for u in units:
+        ref = cv_once / "runs" / SPINAL / u.run_dir.name / "oof.csv"
+        assert (u.run_dir / "oof.csv").read_text() == ref.read_text()
 
 
 def test_a_run_folder_of_another_config_is_refused(tmp_path):
