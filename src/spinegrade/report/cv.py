@@ -105,7 +105,7 @@ def _condition_section(cond: str, s: dict, curves: Mapping[tuple, pd.DataFrame],
     for f in s["folds"]:
         k = f["fold"]
         header.append(f"fold {k}: final BA {_num(f['final_ba'])}, best-epoch BA "
-                      f"{_num(f['best_epoch_ba'])} (epoch {f['best_epoch']})")
+                      f"{_num(f['best_epoch_ba'])} (epoch {','.join(map(str, f['best_epoch']))})")
         base = tmp / f"{cond}_fold{k}"
         metrics = curves.get((cond, k, f["seeds"][0]))
         cells["curves (first seed)"].append(
