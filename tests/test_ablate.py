@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pandas as pd
+import pytest
 
 from spinegrade.engine import ablate
 
@@ -148,3 +149,44 @@ def test_final_model_ba_without_swa_is_the_best_epochs(tmp_path):
     assert ablate.final_model_ba(run) == (float("nan"), "") or np.isnan(ablate.final_model_ba(run)[0])
     (run / "final.json").write_text(json.dumps({"final_checkpoint": "best", "best_epoch": 3}))
     assert ablate.final_model_ba(run) == (0.9, "best")
+
+
+def _write_oof(run_dir, labels, probs, studies):
+    frame = pd.DataFrame({"row": np.arange(len(labels)), "study_id": studies, "level": "l1_l2",
+                          "label": labels})
+    for k, c in enumerate(("normal_mild", "moderate", "severe")):
+        frame[f"prob_{c}"] = probs[:, k]
+    frame.to_csv(run_dir / "oof.csv", index=False)
+
+
+def test_paired_differences_to_the_reference_over_folds_and_seeds(tmp_path):
+    from sklearn.metrics import balanced_accuracy_score
+
+    runs = ablate.plan_runs(["v8", "v5", "v6"], [0, 1], tmp_path, preset="ablate-demo", seeds=2)
+    assert len(runs) == 3 * 2 * 2 and {r.seed for r in runs} == {42, 43}
+    assert len({r.run_dir for r in runs}) == len(runs)
+    rng = np.random.default_rng(0)
+    truth = {}
+    for r in runs:
+        _write_metrics(r.run_dir, r.cfg.train.epochs)
+        n = 150  # per fold: 50 studies x 3 rows, the same rows for every version and seed
+        y = rng.choice(3, n, p=[0.6, 0.25, 0.15]) if r.fold not in truth else truth[r.fold]
+        truth[r.fold] = y
+        good = np.eye(3)[y] * 0.8 + 0.2 / 3                       # always right
+        noise = rng.dirichlet([1, 1, 1], size=n)                  # chance level
+        probs = {"v8": good, "v5": good.copy(), "v6": noise}[r.label]
+        _write_oof(r.run_dir, y, probs, 1000 * r.fold + np.arange(n) // 3)
+    table = ablate.build_table(runs).set_index("Version")
+    col = "Δ final BA vs v8 [95% CI]"
+    assert table.loc["v8", col] == "reference"
+    # v5 predicts exactly what v8 does: a zero difference, marked as not told apart from 0.
+    assert table.loc["v5", col] == "+0.000 [+0.000, +0.000] (≈ 0)"
+    # v6 is at chance: its BA is far below v8's 1.0, and the interval says so. The estimate
+    # is the BA of all v6 rows pooled over folds x seeds (sklearn) minus v8's, which is 1.
+    v6 = json.loads(table.loc["v6", "_ba_diff"])
+    pooled = pd.concat([ablate._oof(r) for r in runs if r.label == "v6"])
+    want = balanced_accuracy_score(pooled["label"], pooled[ablate.PROBS].to_numpy().argmax(1)) - 1
+    assert v6["estimate"] == pytest.approx(want, abs=1e-12)
+    assert v6["low"] <= want <= v6["high"] < 0 and "(≈ 0)" not in table.loc["v6", col]
+    assert table.loc["v8", "Final-model BA"] == "1.000 ± 0.000"
+    assert "(≈ 0) marks an interval that contains zero" in ablate.to_markdown(table.reset_index())

@@ -6,7 +6,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from engine_fixtures import make_cache, tiny_config
+from spinegrade.config import DataConfig, TrainConfig
 from spinegrade.engine.split import load_split, make_folds, rows_for_fold, save_split
+from spinegrade.engine.train import fit
 from spinegrade.errors import UserError
 
 
@@ -51,3 +54,24 @@ def test_bad_requests_are_user_errors():
     split = make_folds(_index(10), n_folds=2, seed=0)
     with pytest.raises(UserError, match="fold 2"):
         rows_for_fold(_index(10), split, 2)
+
+
+def test_split_seed_alone_decides_the_folds(tmp_path):
+    """train.seed changes the training, never the fold split; data.split_seed does."""
+    # The default keeps the split runs had when train.seed (default 42) made it.
+    assert DataConfig().split_seed == TrainConfig().seed
+    cache = make_cache(tmp_path / "cache", n_studies=12)
+    splits = {}
+    for name, seed, split_seed in (("a", 1, 5), ("b", 2, 5)):
+        cfg = tiny_config("train.epochs=1", "train.swa=false", "train.augment=false",
+                          f"train.seed={seed}", f"data.split_seed={split_seed}")
+        fit(cfg, cache, tmp_path / name)
+        splits[name] = load_split(tmp_path / name)
+    pd.testing.assert_frame_equal(splits["a"], splits["b"])
+    pd.testing.assert_frame_equal(splits["a"], make_folds(cache.index, 3, seed=5))
+    assert not splits["a"]["fold"].equals(make_folds(cache.index, 3, seed=1)["fold"])
+    # The seeds did train differently on the same folds.
+    oof_a = pd.read_csv(tmp_path / "a/oof.csv")
+    oof_b = pd.read_csv(tmp_path / "b/oof.csv")
+    assert list(oof_a["row"]) == list(oof_b["row"])
+    assert not np.allclose(oof_a["prob_severe"], oof_b["prob_severe"])

@@ -209,8 +209,8 @@ def _group_loss(onehot: np.ndarray, probs: np.ndarray, weights: np.ndarray) -> f
     return weighted_mean(loss, weights)
 
 
-def _any_severe_spinal(sol: pd.DataFrame, probs: np.ndarray) -> tuple[float, int]:
-    """Loss and number of scored studies of the per-study any-severe-spinal term."""
+def _any_severe_frame(sol: pd.DataFrame, probs: np.ndarray) -> pd.DataFrame:
+    """Per study with spinal rows: ``label``, ``weight``, ``pred`` and its ``loss``."""
     spinal = sol["group"].to_numpy() == SPINAL_GROUP
     severe = PROB_COLUMNS.index(CLASS_NAMES[-1])
     per_study = pd.DataFrame({
@@ -219,12 +219,18 @@ def _any_severe_spinal(sol: pd.DataFrame, probs: np.ndarray) -> tuple[float, int
         "weight": sol.loc[spinal, SOLUTION_WEIGHT_COLUMN].to_numpy(),
         "pred": probs[spinal, severe],  # raw: the max is taken before any renormalisation
     }).groupby("study_id", sort=False).max()
-    p = per_study["pred"].to_numpy()
-    y = per_study["label"].to_numpy()
-    w = per_study["weight"].to_numpy()
+    p, y = per_study["pred"].to_numpy(), per_study["label"].to_numpy()
     # sklearn expanded a 1-column prediction to [1 - p, p] before clipping and renormalising.
-    loss = _group_loss(np.column_stack([1.0 - y, y]), np.column_stack([1.0 - p, p]), w)
-    return loss, int((w > 0).sum())
+    per_study["loss"] = -(np.column_stack([1.0 - y, y])
+                          * np.log(clip_renormalise(np.column_stack([1.0 - p, p])))).sum(axis=1)
+    return per_study
+
+
+def _any_severe_spinal(sol: pd.DataFrame, probs: np.ndarray) -> tuple[float, int]:
+    """Loss and number of scored studies of the per-study any-severe-spinal term."""
+    per_study = _any_severe_frame(sol, probs)
+    w = per_study["weight"].to_numpy()
+    return weighted_mean(per_study["loss"].to_numpy(), w), int((w > 0).sum())
 
 
 def competition_score(solution: pd.DataFrame, submission: pd.DataFrame) -> dict:
@@ -273,6 +279,51 @@ def competition_score(solution: pd.DataFrame, submission: pd.DataFrame) -> dict:
     result["n_scored"] = n_scored
     result["n_ignored_rows"] = n_ignored
     return result
+
+
+def study_loss_sums(solution: pd.DataFrame, submission: pd.DataFrame
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each study's share of each score part, for a bootstrap over studies.
+
+    Part ``j``'s loss is ``numer[:, j].sum() / denom[:, j].sum()``; with the studies drawn
+    ``m`` times each (a bootstrap replicate) it is ``m @ numer[:, j] / m @ denom[:, j]``, and
+    :func:`score_from_sums` turns that into the four parts and the score. With ``m`` all ones
+    this is :func:`competition_score` exactly.
+
+    Returns:
+        ``study_ids`` (S,) as text, ``numer`` and ``denom`` (S, 4) in ``SCORE_PARTS`` order:
+        the summed weighted loss and the summed weight of the study's rows in that part.
+    """
+    sol = _check_solution(solution)
+    probs, _ = _align(sol, _check_submission(submission))
+    studies, code = np.unique(sol["study_id"].to_numpy(dtype=str), return_inverse=True)
+    numer = np.zeros((len(studies), len(SCORE_PARTS)))
+    denom = np.zeros_like(numer)
+    onehot = sol[list(PROB_COLUMNS)].to_numpy()
+    weights = sol[SOLUTION_WEIGHT_COLUMN].to_numpy()
+    row_loss = -(onehot * np.log(clip_renormalise(probs))).sum(axis=1)
+    for j, group in enumerate(CONDITION_GROUPS):
+        rows = sol["group"].to_numpy() == group
+        numer[:, j] = np.bincount(code[rows], weights=weights[rows] * row_loss[rows],
+                                  minlength=len(studies))
+        denom[:, j] = np.bincount(code[rows], weights=weights[rows], minlength=len(studies))
+    per_study = _any_severe_frame(sol, probs)
+    at = np.searchsorted(studies, per_study.index.to_numpy(dtype=str))
+    numer[at, -1] = per_study["weight"].to_numpy() * per_study["loss"].to_numpy()
+    denom[at, -1] = per_study["weight"].to_numpy()
+    return studies, numer, denom
+
+
+def score_from_sums(numer: np.ndarray, denom: np.ndarray,
+                    multiplicity: np.ndarray | None = None) -> np.ndarray:
+    """The four parts and the score (5,) from :func:`study_loss_sums`, studies counted
+    ``multiplicity`` times (default once); a part without weight is NaN, as in the score."""
+    m = np.ones(len(numer)) if multiplicity is None else np.asarray(multiplicity, float)
+    num, den = m @ numer, m @ denom
+    parts = np.full(len(SCORE_PARTS), np.nan)
+    np.divide(num, den, out=parts, where=den > 0)
+    total = float(np.nanmean(parts)) if not np.isnan(parts).all() else float("nan")
+    return np.append(parts, total)
 
 
 # --- Solutions and baseline submissions -------------------------------------------------------

@@ -75,6 +75,9 @@ class DataConfig:
     jitter_seed: int = 0
     folds: int = 5
     fold: int = 0
+    # Seed of the fold split, apart from train.seed: seeds of one fold share its studies.
+    # 42 = the train.seed default, which made the split before, so old runs keep theirs.
+    split_seed: int = 42
     num_workers: int = 2
 
 

@@ -35,16 +35,19 @@ PRED_POINT = ("pred_px", "pred_py", "pred_pz")
 
 
 def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] | np.ndarray,
-                     num_classes: int = NUM_CLASSES) -> np.ndarray:
+                     num_classes: int = NUM_CLASSES, weights: np.ndarray | None = None
+                     ) -> np.ndarray:
     """Confusion matrix counts: rows are true classes, columns predicted classes.
 
     Args:
         y_true: integer labels in ``[0, num_classes)``.
         y_pred: integer predictions in ``[0, num_classes)``, same length.
         num_classes: K.
+        weights: optional (N,) weight per sample (e.g. bootstrap multiplicities).
 
     Returns:
-        (K, K) int64 array. Matrices of disjoint shards add up to the whole set's matrix.
+        (K, K) int64 array (float64 with ``weights``). Matrices of disjoint shards add up to
+        the whole set's matrix.
 
     Raises:
         ValueError: on mismatched lengths or labels outside ``[0, num_classes)``.
@@ -56,7 +59,8 @@ def confusion_matrix(y_true: Sequence[int] | np.ndarray, y_pred: Sequence[int] |
     for name, a in (("y_true", t), ("y_pred", p)):
         if a.size and (a.min() < 0 or a.max() >= num_classes):
             raise ValueError(f"{name} holds labels outside [0, {num_classes})")
-    counts = np.bincount(t * num_classes + p, minlength=num_classes * num_classes)
+    counts = np.bincount(t * num_classes + p, minlength=num_classes * num_classes,
+                         weights=None if weights is None else np.asarray(weights, np.float64))
     return counts.reshape(num_classes, num_classes)
 
 

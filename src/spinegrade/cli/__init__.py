@@ -30,6 +30,7 @@ COMMANDS: tuple[str, ...] = (
     "predict",
     "score",
     "ablate",
+    "cv",
     "config_cmd",
 )
 

@@ -14,10 +14,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "ablate", help="train several configs on the same folds and tabulate the comparison",
         description=(
-            "Train each config on the same folds and seed (reusing finished runs), then write "
-            "table.md / table.csv (Version, Architecture, Loss, Best BA mean±std, epoch of best "
-            "BA, dead classes, per-class recall at the best epoch, weighted log loss) and "
-            "curves.png (BA and per-class recall per epoch for every version)."),
+            "Train each config on the same folds and seeds (reusing finished runs), then write "
+            "table.md / table.csv (Version, Architecture, Loss, Best BA and final-model BA as "
+            "mean±std over folds x seeds, epoch of best BA, dead classes, per-class recall at "
+            "the best epoch, weighted log loss, and the paired difference of final BA and "
+            "weighted log loss to the reference version with a 95% bootstrap interval over the "
+            "shared validation studies, marked (≈ 0) when it contains zero) and curves.png "
+            "(BA and per-class recall per epoch for every version)."),
     )
     p.add_argument("--cache", required=True, type=Path,
                    help="crop cache made by 'prepare', or a folder of caches (one per set of "
@@ -30,6 +33,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="configs to compare, e.g. configs/v4.yaml ... configs/v8.yaml")
     p.add_argument("--out", required=True, type=Path, help="output folder (runs/ + tables)")
     p.add_argument("--folds", default="0", help="comma-separated fold indices (default: 0)")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="training seeds per fold: train.seed .. +N-1 (default 1); the folds "
+                        "come from data.split_seed, the same for every seed")
+    p.add_argument("--reference", default="v8",
+                   help="version the paired differences are taken against (default v8; the "
+                        "first config when it is not among them)")
     p.add_argument("--preset", default=None, metavar="YAML",
                    help="YAML laid over every config, e.g. ablate-demo.yaml for a CPU-sized run")
     p.add_argument("--one-factor", default=None, metavar="YAML",
@@ -64,14 +73,14 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     runs = ablate.plan_runs(args.configs, _parse_folds(args.folds), args.out,
                             preset=args.preset, overrides=args.overrides,
-                            one_factor=args.one_factor)
+                            one_factor=args.one_factor, seeds=args.seeds)
 
     def train_fn(cfg, cache, run_dir, fold):
         fit(cfg, cache, run_dir, resume=True)
 
     ablate.execute(runs, lambda cfg: ablate.cache_for(cfg, args.cache, args.data, args.workers),
                    train_fn)
-    table = ablate.write_outputs(runs, args.out)
+    table = ablate.write_outputs(runs, args.out, args.reference)
     print()
     print(ablate.to_markdown(table))
     print(f"wrote {args.out / ablate.TABLE_MD}, {args.out / ablate.TABLE_CSV}, "

@@ -48,8 +48,12 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="predict one study folder (series sub-folders, no CSV) and print its grades")
     p.add_argument("--classifier", action="append", default=[], metavar="RUN[:WEIGHT]",
                    help="classifier run folder, optionally with a weight (repeatable)")
-    p.add_argument("--localizer", required=True, metavar="RUN",
-                   help="run folder of 'spinegrade train-localizer'")
+    p.add_argument("--ensemble", metavar="FILE",
+                   help="ensemble.yaml of 'spinegrade cv': its runs and weights, as if each were "
+                        "given with --classifier RUN:WEIGHT (and its localizer, if it names one)")
+    p.add_argument("--localizer", metavar="RUN",
+                   help="run folder of 'spinegrade train-localizer' (required unless --ensemble "
+                        "names one)")
     p.add_argument("--out", default=None,
                    help="submission CSV to write (default: submission.csv, or "
                         "<study>_submission.csv with --study)")
@@ -66,9 +70,10 @@ def run(args: argparse.Namespace) -> int:
     if (args.data_dir is None) == (args.study is None):
         raise UserError("give either DATA_DIR or --study DIR (not both)")
     cfg = load_config(args.config, args.overrides)
+    classifiers, localizer = _classifiers_and_localizer(args)
     out = args.out or default_submission(args.study)
     check_output_file(out)
-    result = predict(args.classifier, args.localizer, out, cfg.predict, data_dir=args.data_dir,
+    result = predict(classifiers, localizer, out, cfg.predict, data_dir=args.data_dir,
                      study_dir=args.study, split=args.split, progress=not args.no_progress)
     atomic_write_text(config_copy(Path(out)), config_to_yaml(cfg))
     if args.study:
@@ -80,3 +85,19 @@ def run(args: argparse.Namespace) -> int:
           f"{len(result.results)} studies; {n_prior} rows from priors; "
           f"{len(result.problems)} problems in {result.files['problems']})")
     return 0
+
+
+def _classifiers_and_localizer(args: argparse.Namespace) -> tuple[list[str], str]:
+    """--classifier specs plus the runs of --ensemble; --localizer, else the ensemble's."""
+    from spinegrade.engine.ensemble import classifier_specs, read_ensemble
+
+    specs, localizer = list(args.classifier), args.localizer
+    if args.ensemble:
+        ensemble = read_ensemble(args.ensemble)
+        specs += classifier_specs(ensemble)
+        localizer = localizer or ensemble.localizer
+    if not specs:
+        raise UserError("give --classifier RUN[:WEIGHT] (repeatable) or --ensemble FILE")
+    if not localizer:
+        raise UserError("give --localizer RUN (the ensemble names none)")
+    return specs, localizer

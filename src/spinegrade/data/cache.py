@@ -50,7 +50,7 @@ INDEX_FILE = "index.csv"
 META_FILE = "meta.json"
 # Settings that do not change a crop's pixels; every other key (including ones added to the
 # config later) is part of the cache key, so a new setting errs on the side of a rebuild.
-NON_PIXEL_FIELDS: frozenset[str] = frozenset({"folds", "fold", "num_workers"})
+NON_PIXEL_FIELDS: frozenset[str] = frozenset({"folds", "fold", "split_seed", "num_workers"})
 # Where the crops are centred (data.jitter), not how a crop is made, with their "off"
 # values: part of the key only when set (so caches made before they existed keep their
 # keys), and never compared by check_cache_matches (a run trained on jittered or

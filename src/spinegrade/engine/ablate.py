@@ -1,14 +1,17 @@
 """Re-run the version comparison (v4-v8) and one-factor ablations of v8 on the same folds.
 
-Each (config, fold) pair trains into ``OUT/runs/<label>/fold<k>``; a run whose metrics.csv
-already covers every epoch is reused, not repeated. Versions whose crops differ (v4-v7 crop
-tighter and use one intensity window) need their own crop cache: :func:`cache_for` finds the
-cache of each config's data settings under a cache root, and prepares it from the data
-folder when it is missing. The summary table follows the seed's
-form: version, architecture, loss, best BA (mean +- std over folds), epoch of best BA, dead
-classes, per-class recall at the best epoch, competition-weighted log loss; plus the
-validation BA of each run's final model (SWA when it ran), the one evaluate and predict use.
-Every BA is on the validation fold without TTA; std is over folds (population, ddof 0).
+Each (config, fold, seed) trains into ``OUT/runs/<label>/fold<k>`` (``fold<k>-seed<s>`` with
+several seeds); a run whose metrics.csv already covers every epoch is reused, not repeated.
+Versions whose crops differ (v4-v7 crop tighter and use one intensity window) need their own
+crop cache: :func:`cache_for` finds the cache of each config's data settings under a cache
+root, and prepares it from the data folder when it is missing. The summary table follows the
+seed's form: version, architecture, loss, best BA (mean +- std over folds x seeds), epoch of
+best BA, dead classes, per-class recall at the best epoch, competition-weighted log loss; plus
+the BA of each run's final model (SWA when it ran; from oof.csv, the model evaluate and
+predict use) and, for every version but the reference (v8), the paired difference to it on
+the shared validation samples with a 95% bootstrap interval over their studies, and whether
+that interval excludes zero. Every BA is on the validation fold without TTA; std is over
+folds x seeds (sample std, ddof 1).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from spinegrade.bootstrap import Interval, mean_std, paired_difference
 from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_NAMES
 from spinegrade.data.cache import META_FILE, cache_key, resolve_cache_dir
@@ -31,6 +35,13 @@ from spinegrade.data.prepare import prepare
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
+from spinegrade.metrics import (
+    balanced_accuracy,
+    clip_renormalise,
+    confusion_matrix,
+    sample_weights,
+    weighted_mean,
+)
 from spinegrade.report.ablate import plot_version_curves
 
 log = logging.getLogger(__name__)
@@ -41,6 +52,9 @@ TABLE_CSV = "table.csv"
 TABLE_MD = "table.md"
 CURVES_PNG = "curves.png"
 MANIFEST_JSON = "runs.json"
+# The version the paired differences are taken against (when it is among the configs).
+REFERENCE = "v8"
+PROBS = [f"prob_{c}" for c in CLASS_NAMES]
 
 # One change each to v8: (label, overrides, what the change undoes).
 ONE_FACTOR_ABLATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -70,6 +84,7 @@ class PlannedRun:
     cfg: Config
     run_dir: Path
     change: str = ""
+    seed: int = 0
 
 
 def plan_runs(
@@ -80,8 +95,13 @@ def plan_runs(
     preset: str | Path | None = None,
     overrides: Sequence[str] = (),
     one_factor: str | Path | None = None,
+    seeds: int = 1,
 ) -> list[PlannedRun]:
-    """Every (config, fold) run to train, labelled by the config's ``name``."""
+    """Every (config, fold, seed) run to train, labelled by the config's ``name``.
+
+    The seeds are ``train.seed .. train.seed + seeds - 1``; the folds come from
+    ``data.split_seed``, so every version and seed sees the same validation studies.
+    """
     variants: list[tuple[str, str | Path, tuple[str, ...], str]] = []
     for path in configs:
         variants.append(("", path, (), ""))
@@ -96,10 +116,13 @@ def plan_runs(
         if label in seen:
             raise ValueError(f"two configs share the name '{label}'; give each a unique name")
         seen.add(label)
+        folder = out_dir / RUNS_DIR / label.replace(":", "__").replace("=", "-")
         for fold in folds:
-            cfg_fold = load_config(path, [*extra, *overrides, f"data.fold={fold}"], preset=preset)
-            run_dir = out_dir / RUNS_DIR / label.replace(":", "__").replace("=", "-") / f"fold{fold}"
-            runs.append(PlannedRun(label, fold, cfg_fold, run_dir, change))
+            for seed in range(cfg.train.seed, cfg.train.seed + seeds):
+                cfg_run = load_config(path, [*extra, *overrides, f"data.fold={fold}",
+                                             f"train.seed={seed}"], preset=preset)
+                name = f"fold{fold}" if seeds == 1 else f"fold{fold}-seed{seed}"
+                runs.append(PlannedRun(label, fold, cfg_run, folder / name, change, seed))
     return runs
 
 
@@ -149,17 +172,19 @@ def execute(runs: Sequence[PlannedRun], cache: Path | Callable[[Config], Path],
     """
     rows = []
     for i, run in enumerate(runs, start=1):
-        tag = f"[{i}/{len(runs)}] {run.label} fold {run.fold}"
+        tag = f"[{i}/{len(runs)}] {run.label} fold {run.fold} seed {run.seed}"
         if run_is_finished(run.run_dir, run.cfg.train.epochs):
             print(f"{tag}: finished run found in {run.run_dir}, reused")
-            rows.append(dict(label=run.label, fold=run.fold, status="reused", seconds=0.0))
+            rows.append(dict(label=run.label, fold=run.fold, seed=run.seed, status="reused",
+                             seconds=0.0))
             continue
         print(f"{tag}: training -> {run.run_dir}", flush=True)
         start = time.perf_counter()
         train_fn(run.cfg, cache(run.cfg) if callable(cache) else cache, run.run_dir, run.fold)
         seconds = time.perf_counter() - start
         print(f"{tag}: done in {seconds:.0f} s", flush=True)
-        rows.append(dict(label=run.label, fold=run.fold, status="trained", seconds=seconds))
+        rows.append(dict(label=run.label, fold=run.fold, seed=run.seed, status="trained",
+                         seconds=seconds))
     return pd.DataFrame(rows)
 
 
@@ -239,40 +264,122 @@ def _format_dead(per_fold: list[dict[str, list[int]]]) -> str:
     return "; ".join(parts) if parts else "no"
 
 
-def build_table(runs: Sequence[PlannedRun]) -> pd.DataFrame:
-    """One row per version: mean +- std over folds, in the seed's table form."""
+def _oof(run: PlannedRun) -> pd.DataFrame | None:
+    path = RunFolder(run.run_dir).oof
+    return pd.read_csv(path) if path.is_file() else None
+
+
+def _ba(y: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], float]:
+    pred = probs.argmax(axis=1)
+    return lambda w: balanced_accuracy(confusion_matrix(y, pred, weights=w))
+
+
+def _wlogloss(y: np.ndarray, probs: np.ndarray) -> Callable[[np.ndarray], float]:
+    nll = -np.log(clip_renormalise(probs)[np.arange(len(y)), y])
+    base = sample_weights(y)
+    return lambda w: weighted_mean(nll, base * w)
+
+
+def paired_differences(group: Sequence[PlannedRun], reference: Sequence[PlannedRun]
+                       ) -> dict[str, Interval] | None:
+    """BA and weighted log loss of ``group`` minus ``reference`` on their shared samples.
+
+    Runs pair up by (fold, seed); within a pair the samples are the validation rows both
+    predicted (the same cache rows). All pairs are pooled, and one bootstrap resamples the
+    studies of the pooled rows for both versions alike. None when no pair has oof.csv.
+    """
+    ref = {(r.fold, r.seed): r for r in reference}
+    parts = []
+    for run in group:
+        other = ref.get((run.fold, run.seed))
+        a, b = _oof(run), _oof(other) if other is not None else None
+        if a is None or b is None:
+            continue
+        both = a.merge(b, on="row", suffixes=("", "_ref"))
+        parts.append(both)
+    if not parts:
+        return None
+    both = pd.concat(parts, ignore_index=True)
+    y = both["label"].to_numpy(dtype=np.int64)
+    pa = both[PROBS].to_numpy()
+    pb = both[[f"{c}_ref" for c in PROBS]].to_numpy()
+    study = both["study_id"].to_numpy()
+    return {"ba": paired_difference(_ba(y, pa), _ba(y, pb), study),
+            "wlogloss": paired_difference(_wlogloss(y, pa), _wlogloss(y, pb), study)}
+
+
+def _fmt_diff(iv: Interval) -> str:
+    mark = " (≈ 0)" if iv.contains_zero else ""
+    return f"{iv.estimate:+.3f} [{iv.low:+.3f}, {iv.high:+.3f}]{mark}"
+
+
+def reference_label(runs: Sequence[PlannedRun], reference: str | None = REFERENCE) -> str:
+    """The label differences are taken against: ``reference`` if planned, else the first."""
+    labels = list(dict.fromkeys(r.label for r in runs))
+    return reference if reference in labels else labels[0]
+
+
+def _final_bas(group: Sequence[PlannedRun]) -> list[float]:
+    out = []
+    for run in group:
+        oof = _oof(run)
+        if oof is not None:
+            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[PROBS].to_numpy())(
+                np.ones(len(oof))))
+    return out
+
+
+def _ms(values: Sequence[float]) -> str:
+    st = mean_std(values)
+    return "n/a" if st["mean"] is None else f"{st['mean']:.3f} ± {st['std']:.3f}"
+
+
+def build_table(runs: Sequence[PlannedRun], reference: str | None = REFERENCE) -> pd.DataFrame:
+    """One row per version: mean +- std over folds x seeds, and paired differences to the reference."""
+    ref_label = reference_label(runs, reference)
+    ref_runs = [r for r in runs if r.label == ref_label]
     rows = []
     for label in dict.fromkeys(r.label for r in runs):
         group = [r for r in runs if r.label == label]
         summaries = [summarize_run(_read_metrics(r)) for r in group]
         bas = np.array([s["best_ba"] for s in summaries])
         finals = [final_model_ba(r.run_dir) for r in group]
-        final_bas = np.array([f[0] for f in finals])
         names = "/".join(sorted({f[1] for f in finals if f[1]})) or "n/a"
         row = {
             "Version": label,
             "Architecture": describe_architecture(group[0].cfg),
             "Loss": describe_loss(group[0].cfg),
-            "Best BA": f"{bas.mean():.3f} ± {bas.std():.3f}",
-            "Final-model BA": (f"{final_bas.mean():.3f} ± {final_bas.std():.3f} ({names})"
-                               if not np.isnan(final_bas).any() else "n/a"),
+            "Best BA": _ms(bas),
             "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
+            "Final-model BA": _ms(_final_bas(group)) + (f" ({names})" if names != "n/a" else ""),
             "Dead class?": _format_dead([s["dead"] for s in summaries]),
         }
         for name in CLASS_NAMES:
             row[f"Recall {name}"] = round(float(np.mean([s[f"recall_{name}"] for s in summaries])), 3)
         row["Weighted log loss"] = round(float(np.mean([s["weighted_logloss"] for s in summaries])), 4)
+        diffs = None if label == ref_label else paired_differences(group, ref_runs)
+        for key, title in (("ba", "Δ final BA"), ("wlogloss", "Δ weighted log loss")):
+            col = f"{title} vs {ref_label} [95% CI]"
+            row[col] = "reference" if label == ref_label else (
+                _fmt_diff(diffs[key]) if diffs else "n/a")
+            row[f"_{key}_diff"] = json.dumps(diffs[key].to_dict()) if diffs else ""
         row["best_ba_mean"] = float(bas.mean())
         rows.append(row)
     return pd.DataFrame(rows)
 
 
 def to_markdown(table: pd.DataFrame) -> str:
-    """Markdown table (without the numeric helper columns)."""
-    cols = [c for c in table.columns if c != "best_ba_mean"]
+    """Markdown table (without the numeric helper columns), and what the intervals mean."""
+    cols = [c for c in table.columns if c != "best_ba_mean" and not c.startswith("_")]
     lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
     for _, r in table.iterrows():
         lines.append("| " + " | ".join(str(r[c]) for c in cols) + " |")
+    lines += ["", "Best BA: the best epoch, picked on the fold it is reported on (optimistic). "
+              "Final-model BA: the final model (SWA when it ran) from oof.csv. Mean ± std (ddof=1) "
+              "over folds x seeds. Δ: paired difference to the reference on the validation "
+              "samples both predicted, 95% percentile bootstrap over their studies; "
+              "(≈ 0) marks an interval that contains zero, i.e. a difference these folds cannot "
+              "tell from none."]
     return "\n".join(lines) + "\n"
 
 
@@ -280,15 +387,16 @@ def _read_metrics(run: PlannedRun) -> pd.DataFrame:
     return pd.read_csv(RunFolder(run.run_dir).metrics)
 
 
-def write_outputs(runs: Sequence[PlannedRun], out_dir: Path) -> pd.DataFrame:
+def write_outputs(runs: Sequence[PlannedRun], out_dir: Path, reference: str | None = REFERENCE
+                  ) -> pd.DataFrame:
     """Write table.csv, table.md, curves.png and runs.json into ``out_dir``."""
-    table = build_table(runs)
+    table = build_table(runs, reference)
     atomic_write_text(out_dir / TABLE_CSV, table.to_csv(index=False))
     atomic_write_text(out_dir / TABLE_MD, to_markdown(table))
     curves = {label: [_read_metrics(r) for r in runs if r.label == label]
               for label in dict.fromkeys(r.label for r in runs)}
     plot_version_curves(curves, out_dir / CURVES_PNG)
-    manifest = [dict(label=r.label, fold=r.fold, run_dir=str(r.run_dir), change=r.change)
-                for r in runs]
+    manifest = [dict(label=r.label, fold=r.fold, seed=r.seed, run_dir=str(r.run_dir),
+                     change=r.change) for r in runs]
     atomic_write_text(out_dir / MANIFEST_JSON, json.dumps(manifest, indent=2))
     return table

@@ -295,8 +295,9 @@ def _load_or_make_split(cfg: Config, cache: Any, run: RunFolder, resume: bool) -
     """The run's saved split when resuming, else a fresh one (saved by rerun.start_outputs)."""
     if run.split.is_file() and resume:
         return load_split(run.root)
-    # Every process computes the same split from the same seed.
-    return make_folds(cache.index, cfg.data.folds, cfg.train.seed)
+    # Every process computes the same split from the same seed (data.split_seed: the folds
+    # stay put when only train.seed changes).
+    return make_folds(cache.index, cfg.data.folds, cfg.data.split_seed)
 
 
 def _run_epoch(t: Trainer, epoch: int) -> None:

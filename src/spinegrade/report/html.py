@@ -36,7 +36,8 @@ th{background:#f4f4f4}td.l{text-align:left}
 """
 
 
-def _img(path: Path) -> str:
+def embed_png(path: Path) -> str:
+    """An <img> tag carrying the PNG at ``path`` inline (base64), for self-contained pages."""
     data = base64.b64encode(path.read_bytes()).decode("ascii")
     return f'<img src="data:image/png;base64,{data}" alt="{html.escape(path.stem)}">'
 
@@ -241,7 +242,7 @@ def build_report(run_dir: str | Path) -> Path:
              _weights_html(info), _final_html(final),
              f'<div class="cards">{_cards(metrics, evaluation, final)}</div>',
              "<h2>Health table</h2>", _health_html(health),
-             "<h2>Figures</h2>", '<div class="figs">', *(_img(f) for f in figs), "</div>"]
+             "<h2>Figures</h2>", '<div class="figs">', *(embed_png(f) for f in figs), "</div>"]
     if metrics is not None and len(metrics):
         parts += ["<h2>Per-epoch validation metrics</h2>", _metrics_table(metrics)]
     if evaluation:
