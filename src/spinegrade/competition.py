@@ -478,9 +478,8 @@ def prior_submission(train: pd.DataFrame, study_ids: Iterable[int | str] | None 
         study_ids: studies to predict; default the train frame's studies.
         reweight: multiply the priors by ``CLASS_WEIGHTS`` and renormalise, the loss-optimal
             constant under the competition's weighting.
-        smooth: add-one counts and the ``PRIOR_FLOOR`` as for predict's fallback priors, so a
-            class unseen in a column is not an exact zero (the honest baseline to compare
-            predictions with: one exact zero costs ~34 nats times its weight).
+        smooth: add-one counts and ``PRIOR_FLOOR``, as predict's fallback priors: no exact
+            zero (one costs ~34 nats times its weight), the honest baseline to compare with.
 
     Returns:
         Submission frame (``row_id`` + probabilities), 25 rows per study. A column with no

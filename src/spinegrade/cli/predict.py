@@ -65,7 +65,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     # Imported here, not at the top: the engine loads torch, which `spinegrade --help` need not.
-    from spinegrade.engine.predict import config_copy, default_submission, grade_table, predict
+    from spinegrade.engine.predict import grade_table, predict
+    from spinegrade.engine.run_folder import config_copy, default_submission
 
     if (args.data_dir is None) == (args.study is None):
         raise UserError("give either DATA_DIR or --study DIR (not both)")

@@ -111,6 +111,12 @@ def dataset_fingerprint(data_dir: str | Path) -> dict[str, Any]:
             "fingerprint": hashlib.sha256(blob).hexdigest()[:16]}
 
 
+def index_fingerprint(index: pd.DataFrame) -> str:
+    """Hash of an index frame: a complete cache is reused only for the same samples."""
+    blob = index.to_csv(index=False, float_format="%.6g").encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
 def is_current_cache(cache_dir: Path, fingerprint: str) -> bool:
     """Whether ``cache_dir`` holds a complete cache of the index with this ``fingerprint``.
 

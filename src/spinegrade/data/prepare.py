@@ -44,6 +44,7 @@ from spinegrade.data.cache import (
     cache_key,
     cache_meta,
     dataset_fingerprint,
+    index_fingerprint,
     is_current_cache,
     write_index,
 )
@@ -445,11 +446,6 @@ def _partial_store(cache_dir: Path, fingerprint: str, shape: tuple[int, ...]) ->
     return path
 
 
-def _index_fingerprint(index: pd.DataFrame) -> str:
-    blob = index.to_csv(index=False, float_format="%.6g").encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
 def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, Any],
             workers: int = 1, progress: bool = True) -> Path:
     """Build (or finish, or reuse) the crop cache of ``settings["condition"]``.
@@ -477,7 +473,7 @@ def prepare(data_dir: str | Path, out_dir: str | Path, settings: Mapping[str, An
     index, problems = training_index(data_dir, settings)
     dataset = dataset_fingerprint(data_dir)
     cache_dir = Path(out_dir) / cache_key(settings, dataset["fingerprint"])
-    fingerprint = _index_fingerprint(index)
+    fingerprint = index_fingerprint(index)
     if is_current_cache(cache_dir, fingerprint):
         log.info("cache %s is complete and up to date; nothing to do", cache_dir)
         return cache_dir

@@ -27,9 +27,6 @@ from spinegrade.problems import Problem
 
 _log = logging.getLogger(__name__)
 
-# predict writes the localisation summary here (beside the submission) when labels exist.
-LOCALIZATION_FILE = "localization.csv"
-
 
 def read_truth(data_dir: str | Path, split: str, problems: list[Problem]) -> pd.DataFrame | None:
     """The label coordinates of ``data_dir`` when ``split`` is the labelled one, else None."""

@@ -44,14 +44,19 @@ from spinegrade.constants import (
 from spinegrade.data.cache import CropCache
 from spinegrade.data.preprocess import CropRequest, build_cropper
 from spinegrade.engine.calibrate import RunCalibration, load_calibration, prior_mix_of
-from spinegrade.engine.localization_check import LOCALIZATION_FILE, LocalizationCheck
+from spinegrade.engine.localization_check import LocalizationCheck
 from spinegrade.engine.localize import LocalizerRun
 from spinegrade.engine.loop import resolve_device
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
     CHECKPOINT_NAMES,
+    LOCALIZATION_FILE,
+    LOCATIONS_FILE,
+    STUDIES_FILE,
     RunFolder,
+    figures_dir,
     read_checkpoint,
+    side_file,
 )
 from spinegrade.engine.studies import (
     StudyInput,
@@ -73,12 +78,6 @@ from spinegrade.problems import PROBLEMS_FILE, Problem, write_problems
 from spinegrade.report.predict import plot_study
 
 _log = logging.getLogger(__name__)
-
-# What `predict` writes beside its submission CSV, each named after it (side_file): two
-# predictions in one folder (e.g. --study runs) never overwrite each other's files.
-SUBMISSION_FILE = "submission.csv"
-LOCATIONS_FILE = "locations.csv"
-STUDIES_FILE = "studies.csv"
 
 
 # --- priors --------------------------------------------------------------------------------------
@@ -407,12 +406,7 @@ def predict(
     if (data_dir is None) == (study_dir is None):
         raise UserError("give either DATA_DIR or --study DIR")
     device = resolve_device(pcfg.device, "predict.device")
-    problems: list[Problem] = []
-    if study_dir is not None:
-        st, problems = _readable_study(Path(study_dir))
-        studies = [st]
-    else:
-        studies = studies_from_dataset(Path(data_dir), split)
+    studies, problems = _studies_to_predict(data_dir, study_dir, split)
     localizer = LocalizerRun.load(localizer_dir, pcfg.device)
     classifiers = load_classifiers(classifier_specs, pcfg, device)
     for cond in CONDITIONS:
@@ -439,6 +433,15 @@ def predict(
     if pcfg.figures:
         files["figures"] = fig_dir
     return PredictOutput(submission, results, problems, files)
+
+
+def _studies_to_predict(data_dir: str | Path | None, study_dir: str | Path | None, split: str
+                        ) -> tuple[list[StudyInput], list[Problem]]:
+    """The dataset's studies of ``split``, or the one ``--study`` folder (and its problems)."""
+    if study_dir is None:
+        return studies_from_dataset(Path(data_dir), split), []
+    st, problems = _readable_study(Path(study_dir))
+    return [st], problems
 
 
 def _readable_study(study_dir: Path) -> tuple[StudyInput, list[Problem]]:
@@ -477,26 +480,6 @@ def _write_outputs(out: Path, submission: pd.DataFrame, results: list[StudyResul
     with atomic_path(files["studies"], suffix=".csv") as tmp:
         timing.to_csv(tmp, index=False)
     return files
-
-
-def default_submission(study_dir: str | None) -> str:
-    """The submission CSV when --out is not given: ``<study>_submission.csv`` for one study."""
-    return f"{Path(study_dir).name}_{SUBMISSION_FILE}" if study_dir else SUBMISSION_FILE
-
-
-def side_file(out: Path, name: str) -> Path:
-    """``<stem>_<name>`` beside the submission ``out`` (e.g. ``submission_problems.csv``)."""
-    return out.with_name(f"{out.stem}_{name}")
-
-
-def figures_dir(out: Path) -> Path:
-    """Where ``predict.figures`` puts the per-study PNGs: ``<stem>_figures/`` beside ``out``."""
-    return out.parent / f"{out.stem}_figures"
-
-
-def config_copy(out: Path) -> Path:
-    """The resolved config beside the submission, named after it (never a user's config.yaml)."""
-    return out.with_name(f"{out.stem}_config.yaml")
 
 
 __all__ = ["NOT_GRADED", "ClassifierRun", "PredictOutput", "StudyInput", "StudyResult", "default_prior",

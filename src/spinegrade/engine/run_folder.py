@@ -325,3 +325,32 @@ def read_checkpoint(path: str | Path, kind: str = CLASSIFIER, map_location: Any 
         raise UserError(f"{path}: not a {kind} checkpoint")
     return RunCheckpoint(Path(path), ck["config"], int(ck["epoch"]), ck["model"], ck.get("fold"),
                          {k: v for k, v in ck.items() if k not in _CORE_KEYS})
+
+
+# --- what `predict` writes ---------------------------------------------------------------------
+# Beside its submission CSV, each named after it (side_file): two predictions in one folder
+# (e.g. --study runs) never overwrite each other's files.
+SUBMISSION_FILE = "submission.csv"
+LOCATIONS_FILE = "locations.csv"
+STUDIES_FILE = "studies.csv"
+LOCALIZATION_FILE = "localization.csv"  # on a labelled split: engine/localization_check.py
+
+
+def default_submission(study_dir: str | None) -> str:
+    """The submission CSV when --out is not given: ``<study>_submission.csv`` for one study."""
+    return f"{Path(study_dir).name}_{SUBMISSION_FILE}" if study_dir else SUBMISSION_FILE
+
+
+def side_file(out: Path, name: str) -> Path:
+    """``<stem>_<name>`` beside the submission ``out`` (e.g. ``submission_problems.csv``)."""
+    return out.with_name(f"{out.stem}_{name}")
+
+
+def figures_dir(out: Path) -> Path:
+    """Where ``predict.figures`` puts the per-study PNGs: ``<stem>_figures/`` beside ``out``."""
+    return out.parent / f"{out.stem}_figures"
+
+
+def config_copy(out: Path) -> Path:
+    """The resolved config beside the submission, named after it (never a user's config.yaml)."""
+    return out.with_name(f"{out.stem}_config.yaml")
