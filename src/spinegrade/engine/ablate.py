@@ -320,12 +320,15 @@ def reference_label(runs: Sequence[PlannedRun], reference: str | None = REFERENC
 
 
 def _final_bas(group: Sequence[PlannedRun]) -> list[float]:
+    """Each run's final-model BA: from its oof.csv, else the value final.json records."""
     out = []
     for run in group:
         oof = _oof(run)
         if oof is not None:
             out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[PROBS].to_numpy())(
                 np.ones(len(oof))))
+        elif not np.isnan(ba := final_model_ba(run.run_dir)[0]):
+            out.append(ba)
     return out
 
 
@@ -350,8 +353,8 @@ def build_table(runs: Sequence[PlannedRun], reference: str | None = REFERENCE) -
             "Architecture": describe_architecture(group[0].cfg),
             "Loss": describe_loss(group[0].cfg),
             "Best BA": _ms(bas),
-            "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
             "Final-model BA": _ms(_final_bas(group)) + (f" ({names})" if names != "n/a" else ""),
+            "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
             "Dead class?": _format_dead([s["dead"] for s in summaries]),
         }
         for name in CLASS_NAMES:
