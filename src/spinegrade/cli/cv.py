@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from spinegrade.cli import add_config_args
+from spinegrade.constants import TRAIN_CSV
 from spinegrade.errors import UserError
 
 EXAMPLES = """\
@@ -82,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
     from spinegrade.engine import cv
     from spinegrade.engine.cv_results import collect
 
-    if not (args.data / "train.csv").is_file():
+    if not (args.data / TRAIN_CSV).is_file():
         raise UserError(f"--data {args.data}: no train.csv there (an RSNA-format dataset is needed)")
     if args.localizer is not None and not Path(args.localizer).is_dir():
         raise UserError(f"--localizer {args.localizer}: not a folder (a train-localizer run)")

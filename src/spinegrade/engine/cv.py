@@ -30,6 +30,7 @@ from pathlib import Path
 
 from spinegrade.config import Config, config_to_dict, load_config, save_config
 from spinegrade.constants import CONDITIONS
+from spinegrade.engine import run_folder as rf
 from spinegrade.engine.ensemble import ENSEMBLE_FILE
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
@@ -39,10 +40,10 @@ RUNS_DIR = "runs"
 CACHE_DIR = "cache"
 LOGS_DIR = "logs"
 PLAN_FILE = "plan.json"
-OOF_FILE = "oof.csv"
+OOF_FILE = rf.OOF_FILE  # a run's name for its out-of-fold file; here in the submission format
 CV_JSON = "cv.json"
 CV_MD = "cv.md"
-REPORT_FILE = "report.html"
+REPORT_FILE = rf.REPORT_FILE
 ALL = "all"
 # Seconds between checks of the running subprocesses (several GPUs).
 POLL_SECONDS = 2.0

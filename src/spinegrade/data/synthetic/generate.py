@@ -16,8 +16,12 @@ from tqdm import tqdm
 from spinegrade.constants import (
     CONDITIONS,
     COORD_COLUMNS,
+    COORDINATES_CSV,
     NUM_CLASSES,
     SERIES_COLUMNS,
+    TRAIN_CSV,
+    images_dir_name,
+    series_descriptions_csv,
 )
 from spinegrade.data.synthetic import labels as L
 from spinegrade.data.synthetic.preview import save_preview
@@ -25,10 +29,10 @@ from spinegrade.data.synthetic.study import StudyResult, StudyTask, SynthOptions
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
 
-TRAIN_IMAGES, TEST_IMAGES = "train_images", "test_images"
+TRAIN_IMAGES, TEST_IMAGES = images_dir_name("train"), images_dir_name("test")
 CSV_FILES = (
-    "train.csv", "train_label_coordinates.csv", "train_series_descriptions.csv",
-    "test_series_descriptions.csv", "sample_submission.csv", "solution.csv",
+    TRAIN_CSV, COORDINATES_CSV, series_descriptions_csv("train"),
+    series_descriptions_csv("test"), "sample_submission.csv", "solution.csv",
 )
 MANIFEST = "synthetic.json"
 PREVIEW = "preview.png"
@@ -122,17 +126,17 @@ def _write_tables(out: Path, train: list[StudyResult], test: list[StudyResult],
                   manifest: dict) -> dict[str, Path]:
     """Write the CSVs (each atomically) and the manifest, after all images exist."""
     texts = {
-        "train_series_descriptions.csv":
+        series_descriptions_csv("train"):
             L.table_csv(SERIES_COLUMNS, [row for r in train for row in r.series_rows]),
-        "test_series_descriptions.csv":
+        series_descriptions_csv("test"):
             L.table_csv(SERIES_COLUMNS, [row for r in test for row in r.series_rows]),
-        "train_label_coordinates.csv":
+        COORDINATES_CSV:
             L.table_csv(COORD_COLUMNS, [row for r in train for row in r.coord_rows]),
         "sample_submission.csv": L.sample_submission_csv([r.study_id for r in test]),
         "solution.csv": L.solution_csv([(r.study_id, r.grades) for r in test]),
         MANIFEST: json.dumps(manifest, indent=1, sort_keys=True) + "\n",
         # train.csv last: its presence marks a complete dataset.
-        "train.csv": L.train_csv([(r.study_id, r.grades) for r in train]),
+        TRAIN_CSV: L.train_csv([(r.study_id, r.grades) for r in train]),
     }
     files = {}
     for name, text in texts.items():

@@ -10,10 +10,12 @@ import pydicom
 
 from spinegrade.constants import (
     CONDITION_SERIES,
+    COORDINATES_CSV,
     LEVEL_TITLE_TO_INDEX,
     LEVELS,
     SERIES_DESCRIPTIONS,
     TITLE_TO_CONDITION,
+    TRAIN_CSV,
     train_column,
 )
 from spinegrade.io.atomic import atomic_path
@@ -75,8 +77,8 @@ def save_preview(data_dir: Path, path: Path, n_studies: int = 3) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = pd.read_csv(data_dir / "train.csv", dtype=str).set_index("study_id")
-    coords = pd.read_csv(data_dir / "train_label_coordinates.csv")
+    train = pd.read_csv(data_dir / TRAIN_CSV, dtype=str).set_index("study_id")
+    coords = pd.read_csv(data_dir / COORDINATES_CSV)
     series = pd.read_csv(data_dir / "train_series_descriptions.csv")
     studies = list(train.index[:n_studies])
     n_cols = len(SERIES_DESCRIPTIONS) + 1
