@@ -145,7 +145,7 @@ def test_one_subprocess_per_gpu_trains_the_same_runs(synth_dir, cv_once, tmp_pat
 
 def test_a_run_folder_of_another_config_is_refused(tmp_path):
     units = cv.plan_units("v8", [SPINAL], tmp_path, folds=2)
-    other = cv.plan_units("v8", [SPINAL], tmp_path, folds=2, overrides=["train.epochs=3"])
+    other = cv.plan_units("v8", [SPINAL], tmp_path, folds=2, overrides=["train.epochs=3", "train.swa_start_epoch=3"])
     from spinegrade.config import save_config
 
     units[0].run_dir.mkdir(parents=True)
@@ -192,11 +192,12 @@ def test_leave_one_study_out_prior_by_hand():
     labels = sol[["normal_mild", "moderate", "severe"]].to_numpy().argmax(axis=1)
     prior = leave_one_study_out_prior(meta, labels, reweight=True)
     at = sol["row_id"].to_numpy() == "1_spinal_canal_stenosis_l1_l2"
-    # The others of study 1: counts 1 / 1 / 1, reweighted by 1 / 2 / 4 -> 1/7, 2/7, 4/7.
-    np.testing.assert_allclose(prior[at][0], [1 / 7, 2 / 7, 4 / 7], atol=1e-8)
+    # The fallback prior of predict (add-one, x [1, 2, 4], floor 1e-3: 1e-3 + 0.997 p).
+    # The others of study 1: counts 1 / 1 / 1 -> 2 / 2 / 2 -> 2, 4, 8 -> 1/7, 2/7, 4/7.
+    np.testing.assert_allclose(prior[at][0], 1e-3 + 0.997 * np.array([1, 2, 4]) / 7, atol=1e-8)
     at = sol["row_id"].to_numpy() == "4_spinal_canal_stenosis_l1_l2"
-    # The others of study 4: 2 / 1 / 0 -> 2/4, 2/4, 0 (plus a 1e-9 pseudo count).
-    np.testing.assert_allclose(prior[at][0], [0.5, 0.5, 0.0], atol=1e-8)
+    # The others of study 4: 2 / 1 / 0 -> 3 / 2 / 1 -> 3, 4, 4 -> 3/11, 4/11, 4/11: no zero.
+    np.testing.assert_allclose(prior[at][0], 1e-3 + 0.997 * np.array([3, 4, 4]) / 11, atol=1e-8)
 
 
 def test_assemble_oof_puts_model_rows_in_place_and_checks_labels():

@@ -29,6 +29,7 @@ SECTIONS = {
     "demo": {"data", "model", "loss", "train", "eval"},
     "config": {"data", "model", "loss", "train", "eval", "localizer", "predict"},
     "ablate": {"data", "model", "loss", "train", "eval"},
+    "cv": {"data", "model", "loss", "train", "eval"},
 }
 
 
@@ -84,7 +85,8 @@ def _help_lines() -> list[str]:
 def _stub(name: str) -> str:
     """Required arguments for a command line built from a help's ``--set`` example."""
     return {"prepare": "DATA --out CACHE", "train": "--cache C --out R",
-            "train-localizer": "--data D --out L", "predict": "--localizer L D"}.get(name, "")
+            "train-localizer": "--data D --out L", "predict": "--localizer L D",
+            "cv": "--data D --out CV"}.get(name, "")
 
 
 def _resolve(args) -> None:

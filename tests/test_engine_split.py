@@ -63,7 +63,7 @@ def test_split_seed_alone_decides_the_folds(tmp_path):
     cache = make_cache(tmp_path / "cache", n_studies=12)
     splits = {}
     for name, seed, split_seed in (("a", 1, 5), ("b", 2, 5)):
-        cfg = tiny_config("train.epochs=1", "train.swa=false", "train.augment=false",
+        cfg = tiny_config("train.epochs=1", "train.freeze_epochs=0", "train.swa=false", "train.augment=false",
                           f"train.seed={seed}", f"data.split_seed={split_seed}")
         fit(cfg, cache, tmp_path / name)
         splits[name] = load_split(tmp_path / name)

@@ -100,6 +100,7 @@ RULES: dict[str, Rule] = {
     "data.clahe_tile_grid": at_least(1, "8"),
     "data.folds": at_least(2, "5"),
     "data.fold": at_least(0, "0"),
+    "data.split_seed": at_least(0, "42"),
     "data.num_workers": at_least(0, "2"),
     "data.jitter_mm": at_least(0, "2.0"),
     "data.jitter_px": at_least(0, "1.0"),

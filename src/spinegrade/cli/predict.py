@@ -71,9 +71,9 @@ def run(args: argparse.Namespace) -> int:
     if (args.data_dir is None) == (args.study is None):
         raise UserError("give either DATA_DIR or --study DIR (not both)")
     cfg = load_config(args.config, args.overrides)
-    classifiers, localizer = _classifiers_and_localizer(args)
     out = args.out or default_submission(args.study)
     check_output_file(out)
+    classifiers, localizer = _classifiers_and_localizer(args)
     result = predict(classifiers, localizer, out, cfg.predict, data_dir=args.data_dir,
                      study_dir=args.study, split=args.split, progress=not args.no_progress)
     atomic_write_text(config_copy(Path(out)), config_to_yaml(cfg))
@@ -97,8 +97,6 @@ def _classifiers_and_localizer(args: argparse.Namespace) -> tuple[list[str], str
         ensemble = read_ensemble(args.ensemble)
         specs += classifier_specs(ensemble)
         localizer = localizer or ensemble.localizer
-    if not specs:
-        raise UserError("give --classifier RUN[:WEIGHT] (repeatable) or --ensemble FILE")
     if not localizer:
         raise UserError("give --localizer RUN (the ensemble names none)")
     return specs, localizer
