@@ -358,3 +358,12 @@ def test_two_axial_stacks_get_their_slices_from_the_sagittal_discs():
         assert got["instance_number"].tolist() == [inst] * 5
         np.testing.assert_allclose(got["y"], 35.5 + 40.0 * np.arange(5), atol=1e-6)
         np.testing.assert_allclose(got["x"], 115.5, atol=1e-6)
+
+
+def test_patient_point_uses_each_slices_own_orientation():
+    s = _series(n=2)
+    # Slice 1 is tilted to an axial plane (rows along +x, columns along +y): a block of its own.
+    s.orientations = np.array([[0.0, 1.0, 0, 0, 0, -1.0], [1.0, 0, 0, 0, 1.0, 0]])
+    np.testing.assert_allclose(s.patient_point(0, 10.0, 20.0), [0.0, -10.0 + 8.0, 50.0 - 10.0])
+    # 10 columns x 0.8 mm along +x, 20 rows x 0.5 mm along +y from IPP (4, -10, 50).
+    np.testing.assert_allclose(s.patient_point(1, 10.0, 20.0), [4.0 + 8.0, -10.0 + 10.0, 50.0])

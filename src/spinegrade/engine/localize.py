@@ -227,7 +227,7 @@ def study_discs(t2_rows: Sequence[dict], t2: _Scored, lcfg: LocalizerConfig
 def _disc_cell(series: PreparedSeries, j: int, point: np.ndarray, stride: int
                ) -> tuple[float, float]:
     """(row, column) heatmap cell of a patient point projected into slice ``j``."""
-    x, y, _ = patient_to_pixel(point, series.positions[j], series.orientation,
+    x, y, _ = patient_to_pixel(point, series.positions[j], series.slice_orientation(j),
                                series.pixel_spacing[j])
     gx, gy = series.to_grid(j, x, y)
     return grid_to_cell(gy, stride), grid_to_cell(gx, stride)
@@ -260,7 +260,11 @@ def _foramina_rows(sc: _Scored, discs: np.ndarray, lcfg: LocalizerConfig) -> lis
 def _axial_rows(stacks: Sequence[_Scored], discs: np.ndarray, lcfg: LocalizerConfig
                 ) -> list[dict]:
     """Axial T2: disc k mapped into every stack; x, y refined on the matched slice."""
-    geoms = [StackGeometry.build(s.series.positions, s.series.orientation, s.series.pixel_spacing,
+    # Each slice's own orientation: the planes of tilted per-disc blocks differ by degrees,
+    # millimetres at the disc.
+    geoms = [StackGeometry.build(s.series.positions,
+                                 s.series.orientation if s.series.orientations is None
+                                 else s.series.orientations, s.series.pixel_spacing,
                                  s.series.shapes, s.series.instance_numbers) for s in stacks]
     rows = []
     for lvl, point in enumerate(discs):

@@ -70,6 +70,9 @@ class Volume:
     shapes: np.ndarray = field(default_factory=lambda: np.zeros((0, 2), dtype=np.int64))
     files: list[Path] = field(default_factory=list)  # (n,) source file of each slice
     transfer_syntax_uid: str = ""
+    # (n, 6) each slice's own ImageOrientationPatient (tilted per-disc blocks of one stack
+    # differ from ``orientation``); None when not read.
+    orientations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.instance_numbers)
@@ -254,6 +257,7 @@ def _build_volume(series_dir: Path, headers: Sequence[SliceHeader],
         shapes=np.array([(h.rows, h.columns) for h in ordered], dtype=np.int64),
         files=[h.path for h in ordered],
         transfer_syntax_uid=main_syntax,
+        orientations=np.stack([h.orientation for h in ordered]),
     )
 
 
