@@ -358,3 +358,43 @@ def test_two_axial_stacks_get_their_slices_from_the_sagittal_discs():
         assert got["instance_number"].tolist() == [inst] * 5
         np.testing.assert_allclose(got["y"], 35.5 + 40.0 * np.arange(5), atol=1e-6)
         np.testing.assert_allclose(got["x"], 115.5, atol=1e-6)
+
+
+def test_patient_point_uses_each_slices_own_orientation():
+    s = _series(n=2)
+    # Slice 1 is tilted to an axial plane (rows along +x, columns along +y): a block of its own.
+    s.orientations = np.array([[0.0, 1.0, 0, 0, 0, -1.0], [1.0, 0, 0, 0, 1.0, 0]])
+    np.testing.assert_allclose(s.patient_point(0, 10.0, 20.0), [0.0, -10.0 + 8.0, 50.0 - 10.0])
+    # 10 columns x 0.8 mm along +x, 20 rows x 0.5 mm along +y from IPP (4, -10, 50).
+    np.testing.assert_allclose(s.patient_point(1, 10.0, 20.0), [4.0 + 8.0, -10.0 + 10.0, 50.0])
+
+
+def test_sagittal_t1_votes_on_the_level_of_each_t2_disc():
+    from spinegrade.constants import SAGITTAL_T1
+
+    # The sagittal geometry of the axial-stacks test: cell (r, c) of any slice lies at
+    # patient (x_j, -100 + 8c + 3.5, 100 - 8r - 3.5); the T1 left foramen channels (0-4)
+    # vote 0.8 for level k at cell (DISC_ROWS[k], 12) of the slice at x = +4.
+    t1 = D.PreparedSeries(
+        study_id=5, series_id=21, images=np.zeros((3, 64, 64), dtype=np.uint8),
+        depth=np.array([-1.0, 0.0, 1.0], dtype=np.float32), instance_numbers=np.array([1, 2, 3]),
+        shapes=np.tile([256, 256], (3, 1)),
+        positions=np.array([[x, -100.0, 100.0] for x in (-4.0, 0.0, 4.0)]),
+        pixel_spacing=np.ones((3, 2)), orientation=np.array([0.0, 1.0, 0, 0, 0, -1.0]))
+    hm = np.zeros((3, 10, 32, 32), dtype=np.float32)
+    for k, r in enumerate(DISC_ROWS):
+        hm[2, k, r, 12] = 0.8
+    scored = L._Scored(SAGITTAL_T1, t1, D.make_task(SAGITTAL_T1), hm)
+    lcfg = LocalizerConfig(img_size=64, heatmap_stride=2)
+    vote = L.t1_evidence(scored, lcfg)
+    # A T2 candidate at L2/L3's disc, (0, -0.5, 24.5), that the T2 channels took for L1/L2.
+    cand = dec.DiscCandidate((9, 12), 1, np.array([0.0, -0.5, 24.5]), 24.5, 0.5,
+                             np.array([0.5, 0.1, 0.0, 0.0, 0.0]))
+    (fused,) = vote([cand])
+    # Left side votes (0, 0.8, 0, 0, 0), right side nothing: mean (0, 0.4, 0, 0, 0); averaged
+    # with the T2 scores: (0.25, 0.25, 0, 0, 0).
+    np.testing.assert_allclose(fused.levels, [0.25, 0.25, 0.0, 0.0, 0.0])
+    assert fused.disc == pytest.approx(0.25)
+    # A candidate without geometry is left as it is.
+    blind = dataclasses.replace(cand, point=np.full(3, np.nan))
+    assert vote([blind])[0] is blind

@@ -208,7 +208,8 @@ def keypoint_errors(labelled: Sequence[Any], predicted: Sequence[Sequence[Any]],
             p_true, p_pred = s.patient_point(tj, tx, ty), s.patient_point(loc.slice_index, loc.x, loc.y)
             d = p_pred - p_true
             if np.all(np.isfinite(d)):
-                normal = np.cross(s.orientation[:3], s.orientation[3:6])
+                iop = s.slice_orientation(tj) if hasattr(s, "slice_orientation") else s.orientation
+                normal = np.cross(iop[:3], iop[3:6])
                 in_plane = float(np.linalg.norm(d - (d @ normal) * normal))
                 err3d = float(np.linalg.norm(d))
             else:  # no geometry: compare pixels on the true slice's spacing

@@ -88,7 +88,8 @@ class PreparedSeries:
         shapes: (n, 2) native (rows, columns).
         positions: (n, 3) ImagePositionPatient (NaN without geometry).
         pixel_spacing: (n, 2) (row, column) spacing in mm (NaN where absent).
-        orientation: (6,) ImageOrientationPatient.
+        orientation: (6,) ImageOrientationPatient shared by the stack.
+        orientations: (n, 6) each slice's own orientation (tilted per-disc blocks), or None.
     """
 
     study_id: int
@@ -100,6 +101,7 @@ class PreparedSeries:
     positions: np.ndarray
     pixel_spacing: np.ndarray
     orientation: np.ndarray
+    orientations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.instance_numbers)
@@ -118,7 +120,12 @@ class PreparedSeries:
 
     def patient_point(self, j: int, x: float, y: float) -> np.ndarray:
         """Patient coordinates (mm) of native pixel (x, y) on slice ``j``; NaN without geometry."""
-        return pixel_to_patient(self.positions[j], self.orientation, self.pixel_spacing[j], x, y)
+        return pixel_to_patient(self.positions[j], self.slice_orientation(j),
+                                self.pixel_spacing[j], x, y)
+
+    def slice_orientation(self, j: int) -> np.ndarray:
+        """(6,) ImageOrientationPatient of slice ``j`` (its own where known)."""
+        return self.orientation if self.orientations is None else self.orientations[j]
 
 
 def _depth(volume: Volume) -> np.ndarray:
@@ -161,6 +168,8 @@ def prepare_series(volume: Volume, study_id: int, series_id: int, img_size: int,
         positions=np.asarray(volume.positions, dtype=np.float64),
         pixel_spacing=np.asarray(volume.pixel_spacing, dtype=np.float64),
         orientation=np.asarray(volume.orientation, dtype=np.float64),
+        orientations=(None if getattr(volume, "orientations", None) is None
+                      else np.asarray(volume.orientations, dtype=np.float64)),
     )
 
 

@@ -47,8 +47,14 @@ def _find(volumes: dict[str, Volume], series_id: object, instance: int
     return None
 
 
+def _orientation(vol: Volume, j: int) -> np.ndarray:
+    """Slice ``j``'s own ImageOrientationPatient where the volume has it."""
+    own = getattr(vol, "orientations", None)
+    return vol.orientation if own is None else own[j]
+
+
 def _point(vol: Volume, j: int, x: float, y: float) -> np.ndarray:
-    return pixel_to_patient(vol.positions[j], vol.orientation, vol.pixel_spacing[j], x, y)
+    return pixel_to_patient(vol.positions[j], _orientation(vol, j), vol.pixel_spacing[j], x, y)
 
 
 def _compare(t: pd.Series, p: pd.Series, tv: Volume, tj: int, pv: Volume, pj: int, desc: str
@@ -56,7 +62,7 @@ def _compare(t: pd.Series, p: pd.Series, tv: Volume, tj: int, pv: Volume, pj: in
     """One labelled point against its prediction (``metrics.keypoint_errors`` columns)."""
     p_true, p_pred = _point(tv, tj, t["x"], t["y"]), _point(pv, pj, p["x"], p["y"])
     d = p_pred - p_true
-    normal = slice_normal(tv.orientation)
+    normal = slice_normal(_orientation(tv, tj))
     off_plane = float(d @ normal)
     gap = float(StackGeometry.from_volume(tv).gaps()[tj])
     return {"study_id": t["study_id"], "series_id": t["series_id"], "series_description": desc,

@@ -22,6 +22,7 @@ from.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ from spinegrade.io.dicom import Volume
 from spinegrade.io.geometry import StackGeometry, locate_point, patient_to_pixel
 from spinegrade.models.localizer import HeatmapLocalizer
 from spinegrade.models.localizer_decode import (
+    DiscCandidate,
     Located,
     cell_to_grid,
     grid_to_cell,
@@ -152,7 +154,7 @@ def _slab_slices(hm: np.ndarray, cells: dict[int, tuple[int, int]]) -> dict[int,
 
 
 def decode_series(hm: np.ndarray, series: PreparedSeries, lcfg: LocalizerConfig,
-                  task: LocalizerTask | None = None) -> list[Located]:
+                  task: LocalizerTask | None = None, evidence: object = None) -> list[Located]:
     """Heatmaps (n, K, h, w) of one series -> one :class:`Located` per channel.
 
     Sagittal tasks (with ``lcfg.ordered_levels``) label each condition's levels on the whole
@@ -164,7 +166,8 @@ def decode_series(hm: np.ndarray, series: PreparedSeries, lcfg: LocalizerConfig,
     if lcfg.ordered_levels and task is not None and is_sagittal(task.series_description):
         for chans in _condition_channels(task).values():
             found = ordered_level_cells(hm, chans, series, lcfg.heatmap_stride,
-                                        MIN_DISC_SPACING_MM, chain_check(lcfg.min_score))
+                                        MIN_DISC_SPACING_MM, chain_check(lcfg.min_score),
+                                        evidence)
             if found:
                 cells.update(found)
                 slices.update(_slab_slices(hm, found))
@@ -204,11 +207,50 @@ def _row(sc: _Scored, cond: str, lvl: int, loc: Located, method: str) -> dict:
             "method": method}
 
 
-def _own_rows(sc: _Scored, lcfg: LocalizerConfig) -> list[dict]:
-    """Rows of one series decoded on its own."""
+def _own_rows(sc: _Scored, lcfg: LocalizerConfig, evidence: object = None) -> list[dict]:
+    """Rows of one series decoded on its own (``evidence``: see ``ordered_level_cells``)."""
     method = "chain" if is_sagittal(sc.desc) and lcfg.ordered_levels else "peak"
+    locs = decode_series(sc.hm, sc.series, lcfg, sc.task, evidence)
     return [_row(sc, c, lv, loc, method) for (c, lv), loc in
-            zip(sc.task.keypoints, decode_series(sc.hm, sc.series, lcfg, sc.task), strict=True)]
+            zip(sc.task.keypoints, locs, strict=True)]
+
+
+# Sagittal T1 evidence for a Sagittal T2 disc candidate: the foramina's level channels within
+# this distance (mm, in the sagittal plane) of the candidate, on any slice; a foramen lies a
+# few mm above and behind its disc, the neighbouring discs over 25 mm away.
+T1_EVIDENCE_MM = 12.0
+
+
+def t1_evidence(t1: _Scored, lcfg: LocalizerConfig):
+    """Candidates -> the same with their level scores averaged with the T1 foramina's.
+
+    One disc, one 3D position: the Sagittal T1 network's opinion of which level a disc is
+    (left and right foramen channels, max near the disc) is a second, independent vote.
+    """
+    radius = T1_EVIDENCE_MM / mm_per_cell(t1.series, t1.hm.shape[-1])
+    j0 = len(t1.series) // 2
+    h, w = t1.hm.shape[-2:]
+    rows, cols = np.mgrid[0:h, 0:w]
+    sides = list(_condition_channels(t1.task).values())
+
+    def vote(cands: list[DiscCandidate]) -> list[DiscCandidate]:
+        out = []
+        for cand in cands:
+            if not np.all(np.isfinite(cand.point)):
+                out.append(cand)
+                continue
+            r0, c0 = _disc_cell(t1.series, j0, cand.point, lcfg.heatmap_stride)
+            near = (rows - r0) ** 2 + (cols - c0) ** 2 <= radius**2
+            if not near.any():
+                out.append(cand)
+                continue
+            t1_levels = np.mean([t1.hm[:, chans][:, :, near].max(axis=(0, 2)) for chans in sides],
+                                axis=0)
+            levels = (cand.levels + t1_levels) / 2.0
+            out.append(dataclasses.replace(cand, levels=levels, disc=float(levels.max())))
+        return out
+
+    return vote
 
 
 def study_discs(t2_rows: Sequence[dict], t2: _Scored, lcfg: LocalizerConfig
@@ -227,7 +269,7 @@ def study_discs(t2_rows: Sequence[dict], t2: _Scored, lcfg: LocalizerConfig
 def _disc_cell(series: PreparedSeries, j: int, point: np.ndarray, stride: int
                ) -> tuple[float, float]:
     """(row, column) heatmap cell of a patient point projected into slice ``j``."""
-    x, y, _ = patient_to_pixel(point, series.positions[j], series.orientation,
+    x, y, _ = patient_to_pixel(point, series.positions[j], series.slice_orientation(j),
                                series.pixel_spacing[j])
     gx, gy = series.to_grid(j, x, y)
     return grid_to_cell(gy, stride), grid_to_cell(gx, stride)
@@ -260,7 +302,11 @@ def _foramina_rows(sc: _Scored, discs: np.ndarray, lcfg: LocalizerConfig) -> lis
 def _axial_rows(stacks: Sequence[_Scored], discs: np.ndarray, lcfg: LocalizerConfig
                 ) -> list[dict]:
     """Axial T2: disc k mapped into every stack; x, y refined on the matched slice."""
-    geoms = [StackGeometry.build(s.series.positions, s.series.orientation, s.series.pixel_spacing,
+    # Each slice's own orientation: the planes of tilted per-disc blocks differ by degrees,
+    # millimetres at the disc.
+    geoms = [StackGeometry.build(s.series.positions,
+                                 s.series.orientation if s.series.orientations is None
+                                 else s.series.orientations, s.series.pixel_spacing,
                                  s.series.shapes, s.series.instance_numbers) for s in stacks]
     rows = []
     for lvl, point in enumerate(discs):
@@ -306,7 +352,10 @@ def locate_study(models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]],
             task, model = by_desc[desc]
             hm = heatmaps(model, prep, lcfg.n_context_slices, device).numpy()
             scored.setdefault(desc, []).append(_Scored(desc, prep, task, hm))
-    own = {desc: [_own_rows(sc, lcfg) for sc in items] for desc, items in scored.items()}
+    t1 = scored.get(SAGITTAL_T1, [None])[0]
+    own = {desc: [_own_rows(sc, lcfg, t1_evidence(t1, lcfg)
+                            if desc == SAGITTAL_T2 and t1 is not None else None)
+                  for sc in items] for desc, items in scored.items()}
     discs = None
     if own.get(SAGITTAL_T2):
         k = int(np.argmax([sum(r["score"] for r in rows) for rows in own[SAGITTAL_T2]]))

@@ -74,6 +74,9 @@ class Volume:
     body_part_examined: str = ""
     study_description: str = ""
     protocol_name: str = ""
+    # (n, 6) each slice's own ImageOrientationPatient (tilted per-disc blocks of one stack
+    # differ from ``orientation``); None when not read.
+    orientations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.instance_numbers)
@@ -261,6 +264,7 @@ def _build_volume(series_dir: Path, headers: Sequence[SliceHeader],
         body_part_examined=ordered[0].body_part_examined,
         study_description=ordered[0].study_description,
         protocol_name=ordered[0].protocol_name,
+        orientations=np.stack([h.orientation for h in ordered]),
     )
 
 

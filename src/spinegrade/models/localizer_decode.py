@@ -189,7 +189,8 @@ def label_chain(cands: Sequence[DiscCandidate], n_levels: int,
 
 
 def ordered_level_cells(hm: np.ndarray, channels: Sequence[int], series: SeriesGeometry,
-                        stride: int, min_sep_mm: float = 15.0, check: ChainCheck | None = None
+                        stride: int, min_sep_mm: float = 15.0, check: ChainCheck | None = None,
+                        evidence: Callable[[list[DiscCandidate]], list[DiscCandidate]] | None = None
                         ) -> dict[int, tuple[int, int]] | None:
     """Assign a condition's level channels (L1/L2 .. L5/S1 in order) to discs on the spine.
 
@@ -197,11 +198,14 @@ def ordered_level_cells(hm: np.ndarray, channels: Sequence[int], series: SeriesG
     stack (:func:`disc_candidates`, including thoracic discs and sacral lines that look like
     discs) are ordered head to feet and :func:`label_chain` picks the five consecutive
     levels that best explain them; ``check`` rejects anatomically implausible chains.
+    ``evidence`` may add other series' level scores to the candidates before labelling.
 
     Returns:
         channel -> (row, column) cell, or None when no chain is found.
     """
     cands = disc_candidates(hm, channels, series, stride, min_sep_mm)
+    if evidence is not None:
+        cands = evidence(cands)
     chain, _ = label_chain(cands, len(channels), check)
     if chain is None:
         return None
