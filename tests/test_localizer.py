@@ -312,6 +312,17 @@ class _FakeT1(torch.nn.Module):
         return out
 
 
+def _sagittal_1mm(series_id: int) -> D.PreparedSeries:
+    """3 sagittal slices at x = -4, 0, 4 (position planes -1, 0, 1), IPP (x, -100, 100), rows
+    along +y, columns along -z, 1 mm pixels, 256 px native on a 64 px grid."""
+    return D.PreparedSeries(
+        study_id=5, series_id=series_id, images=np.zeros((3, 64, 64), dtype=np.uint8),
+        depth=np.array([-1.0, 0.0, 1.0], dtype=np.float32), instance_numbers=np.array([1, 2, 3]),
+        shapes=np.tile([256, 256], (3, 1)),
+        positions=np.array([[x, -100.0, 100.0] for x in (-4.0, 0.0, 4.0)]),
+        pixel_spacing=np.ones((3, 2)), orientation=np.array([0.0, 1.0, 0, 0, 0, -1.0]))
+
+
 def test_two_axial_stacks_get_their_slices_from_the_sagittal_discs():
     from spinegrade.constants import AXIAL_T2, SAGITTAL_T1, SAGITTAL_T2
 
@@ -319,19 +330,14 @@ def test_two_axial_stacks_get_their_slices_from_the_sagittal_discs():
     # 256 px native on a 64 px grid, stride 2: heatmap cell (r, c) is native pixel
     # (8c + 3.5, 8r + 3.5). Disc k at cell (DISC_ROWS[k], 12) = native (99.5, 35.5 + 40k), so
     # in patient coordinates (0, -100 + 99.5, 100 - 35.5 - 40k) = (0, -0.5, 64.5 - 40k).
-    sag = D.PreparedSeries(
-        study_id=5, series_id=20, images=np.zeros((3, 64, 64), dtype=np.uint8),
-        depth=np.array([-1.0, 0.0, 1.0], dtype=np.float32), instance_numbers=np.array([1, 2, 3]),
-        shapes=np.tile([256, 256], (3, 1)),
-        positions=np.array([[x, -100.0, 100.0] for x in (-4.0, 0.0, 4.0)]),
-        pixel_spacing=np.ones((3, 2)), orientation=np.array([0.0, 1.0, 0, 0, 0, -1.0]))
+    sag = _sagittal_1mm(20)
     # Two axial stacks 5 mm apart: A at z = 10..80 (instances 101..115), B at z = -110..0
     # (201..223). Discs at z 64.5, 24.5 fall in A on z = 65 (index 11) and 25 (index 3);
     # -15.5, -55.5, -95.5 in B on -15 (19), -55 (11), -95 (3). (-15.5 is 25.5 mm from A's
     # lowest plane, beyond 1.5 slice gaps.)
     a = _stack_series(5, 30, 10.0 + 5.0 * np.arange(15), 101)
     b = _stack_series(5, 31, -110.0 + 5.0 * np.arange(23), 201)
-    t1 = dataclasses.replace(sag, series_id=21, images=sag.images.copy())
+    t1 = _sagittal_1mm(21)
     models = {"sagittal_t2_stir": (D.make_task(SAGITTAL_T2), _FakeSagittal()),
               "sagittal_t1": (D.make_task(SAGITTAL_T1), _FakeT1()),
               "axial_t2": (D.make_task(AXIAL_T2), _FakeAxial())}
@@ -375,12 +381,7 @@ def test_sagittal_t1_votes_on_the_level_of_each_t2_disc():
     # The sagittal geometry of the axial-stacks test: cell (r, c) of any slice lies at
     # patient (x_j, -100 + 8c + 3.5, 100 - 8r - 3.5); the T1 left foramen channels (0-4)
     # vote 0.8 for level k at cell (DISC_ROWS[k], 12) of the slice at x = +4.
-    t1 = D.PreparedSeries(
-        study_id=5, series_id=21, images=np.zeros((3, 64, 64), dtype=np.uint8),
-        depth=np.array([-1.0, 0.0, 1.0], dtype=np.float32), instance_numbers=np.array([1, 2, 3]),
-        shapes=np.tile([256, 256], (3, 1)),
-        positions=np.array([[x, -100.0, 100.0] for x in (-4.0, 0.0, 4.0)]),
-        pixel_spacing=np.ones((3, 2)), orientation=np.array([0.0, 1.0, 0, 0, 0, -1.0]))
+    t1 = _sagittal_1mm(21)
     hm = np.zeros((3, 10, 32, 32), dtype=np.float32)
     for k, r in enumerate(DISC_ROWS):
         hm[2, k, r, 12] = 0.8
