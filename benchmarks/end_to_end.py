@@ -10,8 +10,10 @@ conditions need), predicts the test studies with ``spinegrade predict``'s engine
   calibration applied, as ``evaluate`` does; uncalibrated in brackets);
 * the end-to-end competition score per condition group, and the class-weighted prior's
   (prior x [1, 2, 4] of the training labels per column: ``competition.prior_submission``);
-* the wrong-disc rate per series type and level: the share of predicted points closer (in
-  patient mm) to another level's true point of the same condition than to their own;
+* the localisation summary ``predict`` writes on a labelled split
+  (``<stem>_localization.csv``, ``engine/localization_check.py``): per series type and level
+  the median and p90 error, slice accuracy and the wrong-disc rate (the share of predicted
+  points closer, in patient mm, to another level's true point than to their own);
 * last, ``e2e/prior: X`` and ``e2e/gt: Y`` for the spinal group (end-to-end spinal score
   over the prior's, and over the spinal loss on ground-truth crops).
 
@@ -34,20 +36,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from spinegrade.competition import competition_score, prior_submission, solution_from_train
 from spinegrade.config import load_config
-from spinegrade.constants import (
-    CONDITION_SERIES,
-    CONDITIONS,
-    LEVEL_TITLE_TO_INDEX,
-    LEVELS,
-    TITLE_TO_CONDITION,
-)
-from spinegrade.io.dicom import read_series
-from spinegrade.io.geometry import pixel_to_patient
+from spinegrade.constants import CONDITION_SERIES, CONDITIONS
 
 GROUP_PARTS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
 
@@ -164,61 +157,6 @@ def run_predict(out: Path, test: Path, runs: list[str], localizer: str,
     return {k: str(v) for k, v in res.files.items()}
 
 
-# --- wrong-disc rate -------------------------------------------------------------------------
-
-
-def _patient_points(frame: pd.DataFrame, data: Path, cache: dict) -> np.ndarray:
-    """(n, 3) patient mm of (study_id, series_id, instance_number, x, y) rows."""
-    out = np.full((len(frame), 3), np.nan)
-    for i, r in enumerate(frame.itertuples()):
-        key = (int(r.study_id), int(r.series_id))
-        if key not in cache:
-            folder = data / "train_images" / str(key[0]) / str(key[1])
-            cache[key] = read_series(folder, load_pixels=False) if folder.is_dir() else None
-        vol = cache[key]
-        if vol is None:
-            continue
-        try:
-            j = vol.index_of(int(r.instance_number))
-        except KeyError:
-            continue
-        out[i] = pixel_to_patient(np.asarray(vol.positions[j]), np.asarray(vol.orientation),
-                                  np.asarray(vol.pixel_spacing[j]), float(r.x), float(r.y))
-    return out
-
-
-def wrong_disc_table(locations: Path, test: Path) -> pd.DataFrame:
-    """Per series type and level: predicted points, wrong-disc share, median error (mm)."""
-    pred = pd.read_csv(locations)
-    if pred.empty:
-        return pd.DataFrame(columns=["series", "level", "n", "wrong_disc", "median_mm"])
-    truth = pd.read_csv(test / "train_label_coordinates.csv")
-    truth["condition"] = truth["condition"].map(TITLE_TO_CONDITION)
-    truth["level_idx"] = truth["level"].map(LEVEL_TITLE_TO_INDEX)
-    geometry: dict = {}
-    pred["p"] = list(_patient_points(pred, test, geometry))
-    truth["p"] = list(_patient_points(truth, test, geometry))
-    rows = []
-    for r in pred.itertuples():
-        mine = truth[(truth.study_id == int(r.study_id)) & (truth.condition == r.condition)]
-        own = mine[mine.level_idx == int(r.level_idx)]
-        if own.empty or not np.all(np.isfinite(r.p)):
-            continue
-        dist = {int(t.level_idx): float(np.linalg.norm(r.p - t.p)) for t in mine.itertuples()}
-        others = [d for lv, d in dist.items() if lv != int(r.level_idx)]
-        rows.append({"series": r.series_description, "level": LEVELS[int(r.level_idx)],
-                     "error_mm": dist[int(r.level_idx)],
-                     "wrong": bool(others) and min(others) < dist[int(r.level_idx)]})
-    df = pd.DataFrame(rows)
-    groups = [*df.groupby(["series", "level"])]
-    groups += [((series, "all"), g) for series, g in df.groupby("series")]
-    table = []
-    for (series, level), g in groups:
-        table.append({"series": series, "level": level, "n": len(g),
-                      "wrong_disc": g["wrong"].mean(), "median_mm": g["error_mm"].median()})
-    return pd.DataFrame(table)
-
-
 # --- the report --------------------------------------------------------------------------------
 
 
@@ -246,7 +184,7 @@ def report(gt: dict[str, dict], e2e: dict, prior: dict, wrong: pd.DataFrame,
     print("|---|" + "---|" * len(GROUP_PARTS))
     for name, s in (("end to end", e2e), ("class-weighted prior", prior)):
         print(f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k in GROUP_PARTS) + " |")
-    print("\nwrong-disc rate (predicted point closer to another level's true point):")
+    print("\nlocalisation against the test labels (predict's localization summary):")
     print(wrong.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
     spinal_gt = gt.get("spinal_canal_stenosis", {}).get("competition", {}).get("spinal")
     print(f"\ne2e/prior: {e2e['spinal'] / prior['spinal']:.3f}")
@@ -276,7 +214,9 @@ def main(argv: list[str] | None = None) -> int:
           for r in runs}
     files = run("predict", lambda: run_predict(out, test, runs, loc, args))
     e2e, prior = score_table(out, train, test)
-    report(gt, e2e, prior, wrong_disc_table(Path(files["locations"]), test), times)
+    summary = files.get("localization")
+    wrong = pd.read_csv(summary) if summary and Path(summary).is_file() else pd.DataFrame()
+    report(gt, e2e, prior, wrong, times)
     return 0
 
 

@@ -319,15 +319,15 @@ def reference_label(runs: Sequence[PlannedRun], reference: str | None = REFERENC
     return reference if reference in labels else labels[0]
 
 
-def _final_bas(group: Sequence[PlannedRun]) -> list[float]:
-    """Each run's final-model BA: from its oof.csv, else the value final.json records."""
+def _final_bas(group: Sequence[PlannedRun], recorded: Sequence[float]) -> list[float]:
+    """Each run's final-model BA: from its oof.csv, else ``recorded`` (final.json's value)."""
     out = []
-    for run in group:
+    for run, ba in zip(group, recorded, strict=True):
         oof = _oof(run)
         if oof is not None:
             out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[PROBS].to_numpy())(
                 np.ones(len(oof))))
-        elif not np.isnan(ba := final_model_ba(run.run_dir)[0]):
+        elif not np.isnan(ba):
             out.append(ba)
     return out
 
@@ -347,13 +347,14 @@ def build_table(runs: Sequence[PlannedRun], reference: str | None = REFERENCE) -
         summaries = [summarize_run(_read_metrics(r)) for r in group]
         bas = np.array([s["best_ba"] for s in summaries])
         finals = [final_model_ba(r.run_dir) for r in group]
-        names = "/".join(sorted({f[1] for f in finals if f[1]})) or "n/a"
+        names = "/".join(sorted({name for _, name in finals if name}))
         row = {
             "Version": label,
             "Architecture": describe_architecture(group[0].cfg),
             "Loss": describe_loss(group[0].cfg),
             "Best BA": _ms(bas),
-            "Final-model BA": _ms(_final_bas(group)) + (f" ({names})" if names != "n/a" else ""),
+            "Final-model BA": (_ms(_final_bas(group, [ba for ba, _ in finals]))
+                               + (f" ({names})" if names else "")),
             "Best epoch": ",".join(str(s["best_epoch"]) for s in summaries),
             "Dead class?": _format_dead([s["dead"] for s in summaries]),
         }
