@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from types import SimpleNamespace
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
 
 from spinegrade.engine.localization_check import localization_summary, located_errors
+from spinegrade.io.dicom import Volume
 
 
-def _axial_stack(z: list[float], first_instance: int) -> SimpleNamespace:
+def _axial_stack(z: list[float], first_instance: int) -> Volume:
     """Axial slices at heights z: rows along +x, columns along +y, 1 mm pixels, (0, 0) at -100."""
-    return SimpleNamespace(instance_numbers=np.arange(len(z)) + first_instance,
-                           positions=np.array([[-100.0, -100.0, zi] for zi in z]),
-                           orientation=np.array([1.0, 0, 0, 0, 1.0, 0]),
-                           pixel_spacing=np.ones((len(z), 2)))
+    n = len(z)
+    return Volume(slices=[], instance_numbers=np.arange(n) + first_instance,
+                  positions=np.array([[-100.0, -100.0, zi] for zi in z]),
+                  normal_positions=np.asarray(z, dtype=float),
+                  orientation=np.array([1.0, 0, 0, 0, 1.0, 0]), normal=np.array([0, 0, 1.0]),
+                  pixel_spacing=np.ones((n, 2)), windows=np.full((n, 2), np.nan),
+                  series_instance_uid="", series_description="Axial T2",
+                  transfer_syntax="", path=Path("axial"), shapes=np.full((n, 2), 200))
 
 
 def test_located_errors_across_two_stacks_by_hand():

@@ -19,9 +19,10 @@ import pandas as pd
 
 from spinegrade.constants import COORDINATES_CSV, LEVELS
 from spinegrade.data import rsna
+from spinegrade.engine.studies import STACK_SEPARATOR
 from spinegrade.io.atomic import atomic_path
 from spinegrade.io.dicom import Volume
-from spinegrade.io.geometry import StackGeometry, pixel_to_patient, slice_normal
+from spinegrade.io.geometry import StackGeometry, slice_normal
 from spinegrade.metrics import PRED_POINT, TRUE_POINT, summarize_errors
 from spinegrade.problems import Problem
 
@@ -39,30 +40,21 @@ def _find(volumes: dict[str, Volume], series_id: object, instance: int
           ) -> tuple[Volume, int] | None:
     """The stack of ``series_id`` (any of its stacks) holding ``instance``, and its index."""
     for key, vol in volumes.items():
-        if str(key).split(":")[0] != str(series_id):
+        if str(key).split(STACK_SEPARATOR)[0] != str(series_id):
             continue
-        hits = np.flatnonzero(np.asarray(vol.instance_numbers) == int(instance))
-        if hits.size:
-            return vol, int(hits[0])
+        try:
+            return vol, vol.index_of(int(instance))
+        except KeyError:
+            continue
     return None
-
-
-def _orientation(vol: Volume, j: int) -> np.ndarray:
-    """Slice ``j``'s own ImageOrientationPatient where the volume has it."""
-    own = getattr(vol, "orientations", None)
-    return vol.orientation if own is None else own[j]
-
-
-def _point(vol: Volume, j: int, x: float, y: float) -> np.ndarray:
-    return pixel_to_patient(vol.positions[j], _orientation(vol, j), vol.pixel_spacing[j], x, y)
 
 
 def _compare(t: pd.Series, p: pd.Series, tv: Volume, tj: int, pv: Volume, pj: int, desc: str
              ) -> dict:
     """One labelled point against its prediction (``metrics.keypoint_errors`` columns)."""
-    p_true, p_pred = _point(tv, tj, t["x"], t["y"]), _point(pv, pj, p["x"], p["y"])
+    p_true, p_pred = tv.patient_point(tj, t["x"], t["y"]), pv.patient_point(pj, p["x"], p["y"])
     d = p_pred - p_true
-    normal = slice_normal(_orientation(tv, tj))
+    normal = slice_normal(tv.slice_orientation(tj))
     off_plane = float(d @ normal)
     gap = float(StackGeometry.from_volume(tv).gaps()[tj])
     return {"study_id": t["study_id"], "series_id": t["series_id"], "series_description": desc,

@@ -304,10 +304,7 @@ def _axial_rows(stacks: Sequence[_Scored], discs: np.ndarray, lcfg: LocalizerCon
     """Axial T2: disc k mapped into every stack; x, y refined on the matched slice."""
     # Each slice's own orientation: the planes of tilted per-disc blocks differ by degrees,
     # millimetres at the disc.
-    geoms = [StackGeometry.build(s.series.positions,
-                                 s.series.orientation if s.series.orientations is None
-                                 else s.series.orientations, s.series.pixel_spacing,
-                                 s.series.shapes, s.series.instance_numbers) for s in stacks]
+    geoms = [StackGeometry.from_volume(s.series) for s in stacks]
     rows = []
     for lvl, point in enumerate(discs):
         match, _ = locate_point(point, geoms)

@@ -34,7 +34,6 @@ from spinegrade.data.rsna import series_folder
 from spinegrade.engine.localize import LocalizerRun
 from spinegrade.errors import UserError
 from spinegrade.io.dicom import Volume, read_series, read_stacks
-from spinegrade.io.geometry import pixel_to_patient
 from spinegrade.problems import Problem
 
 # Key of the k-th further stack of a multi-stack series in read_volumes: "<series id>:<k>".
@@ -198,12 +197,14 @@ def patient_points(located: pd.DataFrame, volumes: dict[str, tuple[str, Volume]]
     """(n, 3) patient mm (LPS) of the located rows; NaN where the geometry is unknown."""
     out = np.full((len(located), 3), np.nan)
     for i, r in enumerate(located.itertuples()):
-        vol = volumes[r.series_id][1] if r.series_id in volumes else None
-        if vol is None or int(r.instance_number) not in set(vol.instance_numbers.tolist()):
+        if r.series_id not in volumes:
             continue
-        j = vol.index_of(int(r.instance_number))
-        out[i] = pixel_to_patient(vol.positions[j], vol.orientation, vol.pixel_spacing[j],
-                                  float(r.x), float(r.y))
+        vol = volumes[r.series_id][1]
+        try:
+            j = vol.index_of(int(r.instance_number))
+        except KeyError:
+            continue
+        out[i] = vol.patient_point(j, float(r.x), float(r.y))  # the slice's own plane
     return out
 
 

@@ -81,6 +81,15 @@ class Volume:
     def __len__(self) -> int:
         return len(self.instance_numbers)
 
+    def slice_orientation(self, j: int) -> np.ndarray:
+        """(6,) ImageOrientationPatient of slice ``j``: its own where read, else the stack's."""
+        return self.orientation if self.orientations is None else self.orientations[j]
+
+    def patient_point(self, j: int, x: float, y: float) -> np.ndarray:
+        """Patient coordinates (mm, LPS) of pixel (x, y) on slice ``j``, in its own plane."""
+        return geometry.pixel_to_patient(self.positions[j], self.slice_orientation(j),
+                                         self.pixel_spacing[j], x, y)
+
     def index_of(self, instance_number: int) -> int:
         """Position in the stack of a slice given by InstanceNumber; KeyError if absent."""
         hits = np.flatnonzero(self.instance_numbers == int(instance_number))
