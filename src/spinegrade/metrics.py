@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 
 from spinegrade.constants import CLASS_NAMES, CLASS_WEIGHTS, LEVELS, NUM_CLASSES
+from spinegrade.io.geometry import slice_normal
 
 EPS: float = float(np.finfo(np.float64).eps)
 # 3D errors are clipped here when averaged for checkpoint selection (a miss is a miss).
@@ -208,8 +209,7 @@ def keypoint_errors(labelled: Sequence[Any], predicted: Sequence[Sequence[Any]],
             p_true, p_pred = s.patient_point(tj, tx, ty), s.patient_point(loc.slice_index, loc.x, loc.y)
             d = p_pred - p_true
             if np.all(np.isfinite(d)):
-                iop = s.slice_orientation(tj) if hasattr(s, "slice_orientation") else s.orientation
-                normal = np.cross(iop[:3], iop[3:6])
+                normal = slice_normal(s.slice_orientation(tj))
                 in_plane = float(np.linalg.norm(d - (d @ normal) * normal))
                 err3d = float(np.linalg.norm(d))
             else:  # no geometry: compare pixels on the true slice's spacing

@@ -32,6 +32,7 @@ from spinegrade.config import Config, config_to_dict, load_config, save_config
 from spinegrade.constants import CONDITIONS
 from spinegrade.engine import run_folder as rf
 from spinegrade.engine.ensemble import ENSEMBLE_FILE
+from spinegrade.engine.rerun import config_differences
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
@@ -169,17 +170,6 @@ def select_units(units: Sequence[Unit], only: Sequence[str]) -> list[Unit]:
     return chosen
 
 
-def _config_differences(saved: Config, wanted: Config) -> list[str]:
-    def flat(d: dict, prefix: str = "") -> dict:
-        out = {}
-        for k, v in d.items():
-            out.update(flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
-        return out
-
-    a, b = flat(config_to_dict(saved)), flat(config_to_dict(wanted))
-    return [k for k in b if a.get(k) != b[k]]
-
-
 def unit_state(unit: Unit) -> str:
     """``finished`` (final.json and oof.csv), ``partial`` (a last.pt to resume) or ``new``.
 
@@ -188,7 +178,7 @@ def unit_state(unit: Unit) -> str:
     """
     run = RunFolder(unit.run_dir)
     if run.config.is_file():
-        diff = _config_differences(load_config(run.config), unit.cfg)
+        diff = config_differences(config_to_dict(load_config(run.config)), unit.cfg)
         if diff:
             raise UserError(f"{unit.run_dir} holds a run with other settings ({', '.join(diff[:5])}); "
                             "use another --out, or delete that folder to train it again")

@@ -85,9 +85,10 @@ def cache_difference(run: RunFolder, cache: Any) -> str | None:
         return None
     if Path(path).resolve() != Path(cache.path).resolve():
         return f"the run was trained on the cache {path}, --cache now gives {cache.path}"
-    if fingerprint is not None and fingerprint != cache.fingerprint:
+    now = cache.fingerprint if fingerprint is not None else None  # hashes index.csv
+    if fingerprint is not None and fingerprint != now:
         return (f"the cache {cache.path} changed since the run was trained on it (fingerprint "
-                f"{fingerprint} -> {cache.fingerprint}: other samples or labels)")
+                f"{fingerprint} -> {now}: other samples or labels)")
     return None
 
 
@@ -95,7 +96,7 @@ def check_cache_unchanged(run: RunFolder, cache: Any) -> None:
     """Raise when the run's own cache changed under it (``evaluate``, ``train --resume``)."""
     info = run.read_info()
     if info.get("cache") is None or Path(info["cache"]).resolve() != Path(cache.path).resolve():
-        return
+        return  # another cache on purpose (evaluate --cache): nothing to compare
     why = cache_difference(run, cache)
     if why:
         raise UserError(f"{run.root}: {why}. Its validation fold and metrics no longer "
