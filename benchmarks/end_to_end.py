@@ -3,25 +3,29 @@ ground-truth crops of the same studies and against the class-weighted prior.
 
 Synthesizes a training set and a test set from different seeds (both with labels and
 coordinates), trains the CPU-sized classifier (``configs/demo.yaml``) of each benchmarked
-condition and the CPU localizer (``configs/localizer.yaml``, only the series types those
-conditions need), predicts the test studies with ``spinegrade predict``'s engine and prints:
+condition and the CPU localizer (``configs/localizer.yaml``: all three series types, as a
+user trains it; the Sagittal T2/STIR discs are located with the Sagittal T1 vote whatever
+the condition), predicts the test studies with ``spinegrade predict``'s engine and prints:
 
 * the classifier's weighted log loss on ground-truth crops of the test studies (the run's
-  calibration applied, as ``evaluate`` does; uncalibrated in brackets);
+  calibration applied, as ``evaluate`` does; uncalibrated in brackets), per condition and
+  pooled per condition group as the competition pools them (left and right together);
 * the end-to-end competition score per condition group, and the class-weighted prior's
   (prior x [1, 2, 4] of the training labels per column: ``competition.prior_submission``);
 * the localisation summary ``predict`` writes on a labelled split
   (``<stem>_localization.csv``, ``engine/localization_check.py``): per series type and level
   the median and p90 error, slice accuracy and the wrong-disc rate (the share of predicted
   points closer, in patient mm, to another level's true point than to their own);
-* last, ``e2e/prior: X`` and ``e2e/gt: Y`` for the spinal group (end-to-end spinal score
-  over the prior's, and over the spinal loss on ground-truth crops).
+* per benchmarked group other than spinal, ``e2e/prior <group>: X`` and ``e2e/gt <group>:
+  Y``; last, ``e2e/prior: X`` and ``e2e/gt: Y`` for the spinal group (end-to-end spinal
+  score over the prior's, and over the spinal loss on ground-truth crops).
 
 Each stage leaves a ``.done-<stage>.json`` marker in ``--out``; a rerun skips finished
 stages (delete a marker to redo one; ``--redo predict`` redoes prediction and scoring).
 
     python benchmarks/end_to_end.py [--out e2e_bench] [--train-studies 80] [--test-studies 20]
-        [--conditions spinal_canal_stenosis] [--classifier-set train.epochs=32]
+        [--conditions spinal_canal_stenosis | foraminal | subarticular | all]
+        [--classifier-set train.epochs=32]
         [--localizer-set localizer.epochs=4] [--localizer-run RUN]
 """
 
@@ -38,11 +42,19 @@ from typing import Any
 
 import pandas as pd
 
-from spinegrade.competition import competition_score, prior_submission, solution_from_train
+from spinegrade.competition import (
+    competition_score,
+    condition_score,
+    prior_submission,
+    solution_from_train,
+)
 from spinegrade.config import load_config
-from spinegrade.constants import CONDITION_SERIES, CONDITIONS
+from spinegrade.constants import CONDITION_GROUPS, CONDITIONS
+from spinegrade.engine.run_folder import PREDICTIONS_FILE
 
 GROUP_PARTS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
+# The condition groups whose ratios are printed, spinal last (the issue's two last lines).
+RATIO_GROUPS = ("foraminal", "subarticular", "spinal")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -53,12 +65,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--train-seed", type=int, default=1)
     p.add_argument("--test-seed", type=int, default=2)
     p.add_argument("--balance", default="0.5,0.3,0.2",
-                   help="synthetic class balance of the benchmarked conditions, both sets "
+                   help="synthetic class balance of every condition, both sets "
                         "(as `spinegrade demo`; 'real' keeps the real balance)")
     p.add_argument("--max-matrix", type=int, default=256)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--conditions", nargs="+", default=["spinal_canal_stenosis"],
-                   choices=CONDITIONS, help="conditions to train classifiers for")
+                   choices=[*CONDITIONS, *RATIO_GROUPS, "all"],
+                   help="conditions to train classifiers for: names, groups (foraminal = "
+                        "both sides) or all")
     p.add_argument("--classifier-config", default="demo")
     p.add_argument("--classifier-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--localizer-config", default="localizer")
@@ -67,7 +81,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="use this trained localizer run instead of training one")
     p.add_argument("--predict-set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--redo", nargs="*", default=[], help="stages to run again")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    args.conditions = expand_conditions(args.conditions)
+    return args
+
+
+def expand_conditions(names: list[str]) -> list[str]:
+    """Condition names, with group names (and ``all``) replaced by their conditions."""
+    groups = {**{g: list(CONDITION_GROUPS[g]) for g in RATIO_GROUPS}, "all": list(CONDITIONS)}
+    out = [c for n in names for c in groups.get(n, [n])]
+    return list(dict.fromkeys(out))
 
 
 def stage(out: Path, name: str, fn: Callable[[], dict[str, Any]], redo: list[str]
@@ -93,7 +116,8 @@ def synthesize(out: Path, n: int, seed: int, args: argparse.Namespace) -> dict[s
     balance = None
     if args.balance != "real":
         weights = tuple(float(v) for v in args.balance.split(","))
-        balance = {c: weights for c in args.conditions}
+        # Every condition, benchmarked or not: runs on other conditions can share the data.
+        balance = {c: weights for c in CONDITIONS}
     generate(out, n, seed, n_test=0, class_balance=balance, progress=False,
              workers=args.workers, overwrite=True,
              options=SynthOptions(max_matrix=args.max_matrix))
@@ -117,9 +141,7 @@ def train_classifier(out: Path, data: Path, condition: str, args: argparse.Names
 def train_localizer(out: Path, data: Path, args: argparse.Namespace) -> dict[str, Any]:
     from spinegrade.engine.localizer import train_localizer as fit_localizer
 
-    series = sorted({CONDITION_SERIES[c] for c in args.conditions})
-    cfg = load_config(args.localizer_config, [f"localizer.series={json.dumps(series)}",
-                                              *args.localizer_set])
+    cfg = load_config(args.localizer_config, args.localizer_set)
     run = out / "localizer"
     table = fit_localizer(cfg, data, run, resume=True, progress=False)
     print(table.to_string(index=False), flush=True)
@@ -136,10 +158,11 @@ def ground_truth_loss(out: Path, test: Path, run: Path, args: argparse.Namespace
     cache = prepare(test, out / "cache_test", dataclasses.asdict(cfg.data), workers=args.workers,
                     progress=False)
     final = json.loads((run / "final.json").read_text())["final_checkpoint"]
-    m = evaluate_run(run, cache=cache, checkpoint=final, tta=cfg.eval.tta,
-                     out_dir=out / f"gt_{cfg.data.condition}")
+    out_dir = out / f"gt_{cfg.data.condition}"
+    m = evaluate_run(run, cache=cache, checkpoint=final, tta=cfg.eval.tta, out_dir=out_dir)
     cal = m["calibration"]
-    return {"weighted_logloss": m["weighted_logloss"],
+    return {"condition": cfg.data.condition, "predictions": str(out_dir / PREDICTIONS_FILE),
+            "weighted_logloss": m["weighted_logloss"],
             "competition": m["competition"],
             "uncalibrated_weighted_logloss": cal.get("uncalibrated_weighted_logloss",
                                                      m["weighted_logloss"]),
@@ -170,6 +193,27 @@ def score_table(out: Path, train: Path, test: Path) -> tuple[dict, dict]:
     return competition_score(solution, sub), competition_score(solution, prior)
 
 
+def pooled_ground_truth(gt: dict[str, dict]) -> dict:
+    """Competition parts of all ground-truth-crop predictions together (groups pooled)."""
+    frames = [pd.read_csv(g["predictions"]).assign(condition=g["condition"]) for g in gt.values()]
+    df = pd.concat(frames, ignore_index=True)
+    probs = df[[c for c in df.columns if c.startswith("prob_")]].to_numpy()
+    return condition_score(df["study_id"].tolist(), df["level"].tolist(), df["label"].tolist(),
+                           probs, df["condition"].tolist())
+
+
+def ratio_lines(e2e: dict, prior: dict, pooled_gt: dict, conditions: list[str]) -> list[str]:
+    """``e2e/prior`` and ``e2e/gt`` of each group whose conditions were all benchmarked."""
+    lines = []
+    for group in RATIO_GROUPS:
+        if not all(c in conditions for c in CONDITION_GROUPS[group]):
+            continue
+        name = "" if group == "spinal" else f" {group}"
+        lines += [f"e2e/prior{name}: {e2e[group] / prior[group]:.3f}",
+                  f"e2e/gt{name}: {e2e[group] / pooled_gt[group]:.3f}"]
+    return lines
+
+
 def report(gt: dict[str, dict], e2e: dict, prior: dict, wrong: pd.DataFrame,
            times: dict[str, float]) -> None:
     print("\n=== end to end on unseen synthetic studies ===")
@@ -184,11 +228,12 @@ def report(gt: dict[str, dict], e2e: dict, prior: dict, wrong: pd.DataFrame,
     print("|---|" + "---|" * len(GROUP_PARTS))
     for name, s in (("end to end", e2e), ("class-weighted prior", prior)):
         print(f"| {name} | " + " | ".join(f"{s[k]:.4f}" for k in GROUP_PARTS) + " |")
+    pooled = pooled_ground_truth(gt)
+    print("ground-truth crops, pooled per group: " + ", ".join(
+        f"{k} {pooled[k]:.4f}" for k in RATIO_GROUPS if pooled[k] == pooled[k]))
     print("\nlocalisation against the test labels (predict's localization summary):")
     print(wrong.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
-    spinal_gt = gt.get("spinal_canal_stenosis", {}).get("competition", {}).get("spinal")
-    print(f"\ne2e/prior: {e2e['spinal'] / prior['spinal']:.3f}")
-    print(f"e2e/gt: {e2e['spinal'] / spinal_gt:.3f}" if spinal_gt else "e2e/gt: n/a")
+    print("\n" + "\n".join(ratio_lines(e2e, prior, pooled, [g["condition"] for g in gt.values()])))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -367,6 +367,18 @@ def test_condition_score_on_one_condition_matches_hand_computation():
     assert result["score"] == pytest.approx((spinal + any_severe) / 2, abs=1e-12)
 
 
+def test_condition_score_pools_the_two_sides_of_a_group():
+    # Left and right foramina of one study: the foraminal part is one weighted mean over both
+    # sides' samples (weights 1 and 4), not the mean of two per-side losses.
+    conds = ["left_neural_foraminal_narrowing", "right_neural_foraminal_narrowing"]
+    probs = np.array([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    result = competition.condition_score([7, 7], ["l4_l5", "l4_l5"], [0, 2], probs, conds)
+    pooled = -(1 * math.log(0.5) + 4 * math.log(0.8)) / 5
+    assert result["foraminal"] == pytest.approx(pooled, abs=1e-12)
+    assert result["foraminal"] != pytest.approx((-math.log(0.5) - math.log(0.8)) / 2)
+    assert math.isnan(result["spinal"]) and math.isnan(result["subarticular"])
+
+
 def test_class_prior_by_hand():
     counts = np.array([[8.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
     np.testing.assert_allclose(competition.class_prior(counts, reweight=False),

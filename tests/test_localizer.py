@@ -207,8 +207,13 @@ def test_wrong_disc_rate_on_constructed_predictions():
 
 
 def _cand(z: float, levels: list[float]) -> dec.DiscCandidate:
-    return dec.DiscCandidate((0, 0), 0, np.array([0.0, 0.0, z]), z, max(levels),
-                             np.array(levels))
+    return dec.DiscCandidate((0, 0), 0, np.array([0.0, 0.0, z]), z,
+                             dec.disc_probability(np.array(levels)), np.array(levels))
+
+
+def test_disc_probability_adds_the_disjoint_level_scores():
+    assert dec.disc_probability(np.array([0.3, 0.3, 0.0, 0.0, 0.0])) == pytest.approx(0.6)
+    assert dec.disc_probability(np.array([0.9, 0.5, 0.2, 0.0, 0.0])) == 1.0
 
 
 def test_level_labelling_counts_from_the_lumbosacral_junction():
@@ -223,14 +228,18 @@ def test_level_labelling_counts_from_the_lumbosacral_junction():
     cands += [_cand(-116.0, [0, 0, 0, 0.05, 0.2]), _cand(-154.0, [0, 0, 0, 0, 0.15])]
     chain, reason = dec.label_chain(cands, 5)
     assert reason is None and chain == (2, 3, 4, 5, 6)
-    # By hand: the true chain scores 5 log 0.65 = -2.154. Shifting every level one disc up
-    # (L1/L2 on T12/L1) gives log 0.8 + 4 log 0.05 = -12.21; taking T12/L1 for L1/L2 and
-    # leaving the real L1/L2 out gives log 0.8 + 4 log 0.65 + log(1 - 0.65) = -2.996.
-    assert dec.chain_log_score(cands, chain) == pytest.approx(5 * np.log(0.65))
+    # By hand: a lumbar candidate's disc probability is 0.65 + 4 x 0.05 = 0.85, the sacral
+    # lines' 0.25 and 0.15; below L5/S1 they cost log 0.75 + log 0.85 = -0.450. The true chain
+    # scores 5 log 0.65 - 0.450 = -2.604. Shifting every level one disc up (L1/L2 on T12/L1)
+    # gives log 0.8 + 4 log 0.05, and leaves the real L5/S1 below: + log 0.15 - 0.450 =
+    # -14.55; taking T12/L1 for L1/L2 and leaving the real L1/L2 out gives log 0.8 +
+    # 4 log 0.65 + log(1 - 0.85) - 0.450 = -4.344.
+    sacral = np.log(0.75) + np.log(0.85)
+    assert dec.chain_log_score(cands, chain) == pytest.approx(5 * np.log(0.65) + sacral)
     assert dec.chain_log_score(cands, (1, 2, 3, 4, 5)) == pytest.approx(
-        np.log(0.8) + 4 * np.log(0.05))
+        np.log(0.8) + 4 * np.log(0.05) + np.log(0.15) + sacral)
     assert dec.chain_log_score(cands, (1, 3, 4, 5, 6)) == pytest.approx(
-        np.log(0.8) + 4 * np.log(0.65) + np.log(1 - 0.65))
+        np.log(0.8) + 4 * np.log(0.65) + np.log(1 - 0.85) + sacral)
 
     # A chain check (disc_chain_problem) refuses chains that are no lumbar spine: with
     # L3/L4's candidate 10 mm below L2/L3's (under the 15 mm minimum spacing) the only
@@ -244,6 +253,25 @@ def test_level_labelling_counts_from_the_lumbosacral_junction():
     assert dec.label_chain(squeezed, 5)[0] == (0, 1, 2, 3, 4)
     chain, reason = dec.label_chain(squeezed, 5, check)
     assert chain is None and "no plausible disc chain" in reason and "10.0 mm" in reason
+
+
+def test_a_disc_left_below_l5_s1_counts_against_a_chain_shifted_up():
+    # Level scores measured on a held-out synthetic study whose sacrum was half out of view:
+    # the network spreads each disc over neighbouring levels and leans one level down, so the
+    # level scores alone prefer the chain one disc up (T12/L1 .. L4/L5: sum of log = -4.602
+    # against -5.054 for the true L1/L2 .. L5/S1). The true L5/S1 left below that chain is
+    # still clearly a disc (0.02 + 0.06 + 0.11 + 0.19 + 0.26 = 0.64): log(1 - 0.64) = -1.022
+    # makes the shifted chain -5.624, and the true chain wins.
+    levels = [[0.26, 0.21, 0.19, 0.10, 0.05], [0.37, 0.47, 0.43, 0.24, 0.09],
+              [0.42, 0.46, 0.57, 0.26, 0.10], [0.12, 0.28, 0.39, 0.36, 0.24],
+              [0.04, 0.15, 0.21, 0.37, 0.40], [0.02, 0.06, 0.11, 0.19, 0.26]]
+    cands = [_cand(132.0 - 40.0 * i, lv) for i, lv in enumerate(levels)]
+    up = sum(np.log(levels[k][k]) for k in range(5))
+    assert dec.chain_log_score(cands, (0, 1, 2, 3, 4)) == pytest.approx(up + np.log(1 - 0.64))
+    assert dec.chain_log_score(cands, (1, 2, 3, 4, 5)) == pytest.approx(
+        sum(np.log(levels[k + 1][k]) for k in range(5)))
+    assert up > dec.chain_log_score(cands, (1, 2, 3, 4, 5))  # the level scores alone: wrong
+    assert dec.label_chain(cands, 5)[0] == (1, 2, 3, 4, 5)
 
 
 def test_ordered_levels_ignore_thoracic_and_sacral_candidates():
@@ -393,9 +421,9 @@ def test_sagittal_t1_votes_on_the_level_of_each_t2_disc():
                              np.array([0.5, 0.1, 0.0, 0.0, 0.0]))
     (fused,) = vote([cand])
     # Left side votes (0, 0.8, 0, 0, 0), right side nothing: mean (0, 0.4, 0, 0, 0); averaged
-    # with the T2 scores: (0.25, 0.25, 0, 0, 0).
+    # with the T2 scores: (0.25, 0.25, 0, 0, 0), a disc with probability 0.25 + 0.25.
     np.testing.assert_allclose(fused.levels, [0.25, 0.25, 0.0, 0.0, 0.0])
-    assert fused.disc == pytest.approx(0.25)
+    assert fused.disc == pytest.approx(0.5)
     # A candidate without geometry is left as it is.
     blind = dataclasses.replace(cand, point=np.full(3, np.nan))
     assert vote([blind])[0] is blind

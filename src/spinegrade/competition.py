@@ -398,20 +398,22 @@ def _solution_frame(ids: Sequence[str], y: np.ndarray) -> pd.DataFrame:
 
 
 def condition_score(study_ids: Sequence[int], levels: Sequence[str], labels: Sequence[int],
-                    probs: np.ndarray, condition: str) -> dict:
-    """The competition score restricted to one condition's predictions (e.g. out-of-fold).
+                    probs: np.ndarray, condition: str | Sequence[str]) -> dict:
+    """The competition score restricted to some conditions' predictions (e.g. out-of-fold).
 
-    Builds the solution and submission frames for ``condition`` only, so the parts of the
-    other groups are NaN and ``score`` averages the parts present (for spinal canal
-    stenosis: the spinal loss and the any-severe-spinal loss).
+    Builds the solution and submission frames of these samples only, so the parts of the
+    groups without samples are NaN and ``score`` averages the parts present (for spinal canal
+    stenosis: the spinal loss and the any-severe-spinal loss); a group's samples of several
+    conditions (left and right foramina) are pooled as the competition pools them.
 
     Args:
         study_ids, levels, labels: one entry per sample (``levels`` as ``l1_l2`` ...).
         probs: ``(N, 3)`` predicted probabilities.
-        condition: a name from ``CONDITIONS``.
+        condition: a name from ``CONDITIONS``, or one per sample.
     """
     y = np.asarray(labels, dtype=int)
-    ids = [row_id(s, condition, lv) for s, lv in zip(study_ids, levels, strict=True)]
+    conditions = [condition] * len(y) if isinstance(condition, str) else list(condition)
+    ids = [row_id(s, c, lv) for s, c, lv in zip(study_ids, conditions, levels, strict=True)]
     solution = _solution_frame(ids, y)
     submission = pd.DataFrame(np.asarray(probs, dtype=float), columns=list(PROB_COLUMNS))
     submission.insert(0, ROW_ID, ids)

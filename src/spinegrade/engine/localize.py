@@ -58,6 +58,7 @@ from spinegrade.models.localizer_decode import (
     DiscCandidate,
     Located,
     cell_to_grid,
+    disc_probability,
     grid_to_cell,
     mm_per_cell,
     ordered_level_cells,
@@ -247,7 +248,7 @@ def t1_evidence(t1: _Scored, lcfg: LocalizerConfig):
             t1_levels = np.mean([t1.hm[:, chans][:, :, near].max(axis=(0, 2)) for chans in sides],
                                 axis=0)
             levels = (cand.levels + t1_levels) / 2.0
-            out.append(dataclasses.replace(cand, levels=levels, disc=float(levels.max())))
+            out.append(dataclasses.replace(cand, levels=levels, disc=disc_probability(levels)))
         return out
 
     return vote

@@ -104,7 +104,7 @@ class DiscCandidate:
         slice_index: the slice where the level channels peak at that cell.
         point: patient position (mm, LPS) of the cell on that slice; NaN without geometry.
         height: head-to-feet sort key: patient z, or minus the row without geometry.
-        disc: the largest level score at the cell (how disc-like it is).
+        disc: how likely the cell is some lumbar disc: :func:`disc_probability` of ``levels``.
         levels: (L,) each level channel's score at the cell (max over slices, 3x3 cells).
     """
 
@@ -114,6 +114,16 @@ class DiscCandidate:
     height: float
     disc: float
     levels: np.ndarray
+
+
+def disc_probability(levels: np.ndarray) -> float:
+    """P(a candidate is one of the lumbar discs) from its level scores (L,).
+
+    A disc is at most one level, so the level events are disjoint and their probabilities
+    add (capped at 1): a disc the network cannot place between two neighbouring levels
+    (0.3 and 0.3) is still clearly a disc (0.6), where the largest score alone would say 0.3.
+    """
+    return float(min(1.0, np.sum(levels)))
 
 
 def mm_per_cell(series: SeriesGeometry, heatmap_side: int) -> float:
@@ -142,22 +152,24 @@ def disc_candidates(hm: np.ndarray, channels: Sequence[int], series: SeriesGeome
         point = np.asarray(series.patient_point(j, *series.to_native(j, gx, gy)), dtype=np.float64)
         height = float(point[2]) if np.isfinite(point[2]) else -float(r)
         levels = proj[:, r, c].astype(np.float64)
-        out.append(DiscCandidate((r, c), j, point, height, float(levels.max()), levels))
+        out.append(DiscCandidate((r, c), j, point, height, disc_probability(levels), levels))
     return sorted(out, key=lambda cand: -cand.height)
 
 
 def chain_log_score(cands: Sequence[DiscCandidate], chain: Sequence[int]) -> float:
     """Log-likelihood of ``chain`` (candidate indices, head to feet) as L1/L2 .. L5/S1.
 
-    Level k at ``chain[k]`` adds ``log p_k``; every candidate strictly inside the chain that it
-    leaves out adds ``log(1 - disc)`` (a real disc there would mean a skipped level), while
-    candidates above L1/L2 (thoracic discs) or below L5/S1 (sacral lines) cost nothing.
+    Level k at ``chain[k]`` adds ``log p_k``. Every other candidate below L1/L2 adds
+    ``log(1 - disc)``: a real disc strictly inside the chain would mean a skipped level, and
+    one below L5/S1 a chain shifted up (nothing below L5/S1 is a lumbar disc: sacral lines
+    and false peaks score low there and cost little). Candidates above L1/L2 cost nothing:
+    thoracic discs look like lumbar ones, and how many are in view depends on the framing.
     """
     score = sum(math.log(min(max(cands[i].levels[k], _P_FLOOR), 1.0 - _P_FLOOR))
                 for k, i in enumerate(chain))
-    inside = set(range(chain[0] + 1, chain[-1])) - set(chain)
+    left_out = set(range(chain[0] + 1, len(cands))) - set(chain)
     return score + sum(math.log(1.0 - min(max(cands[i].disc, _P_FLOOR), 1.0 - _P_FLOOR))
-                       for i in inside)
+                       for i in left_out)
 
 
 def label_chain(cands: Sequence[DiscCandidate], n_levels: int,
