@@ -112,6 +112,26 @@ def test_prior_is_the_training_rows_per_level(tmp_path):
     assert rc.calibration.prior_mix == 0.0
 
 
+def test_stages_are_cross_fitted_over_the_studies(tmp_path):
+    """oof.csv's study_id groups the folds: 15 rows of 3 studies give 3 folds; 300 rows of an
+    overconfident model keep the temperature over 5 folds, and the log line says so."""
+    run, oof, index, _ = _oof_run(tmp_path, 300, scale=3.0, seed=3)
+    rc = K.calibrate_run(run, oof, index, method="temperature", prior_mix=False,
+                         reweight=True, checkpoint="best", condition="spinal_canal_stenosis")
+    cal = rc.calibration
+    assert cal.folds == 5 and cal.kept == ("temperature",) and cal.temperature > 2
+    assert cal.cv_nll["temperature"] < cal.cv_nll["identity"]
+    line = K.format_calibration(rc)
+    assert "kept: temperature" in line and f"identity {cal.cv_nll['identity']:.4f}" in line
+    small = K.calibrate_run(run, oof.iloc[:15], index, method="temperature", prior_mix=True,
+                            reweight=True, checkpoint="best", condition="spinal_canal_stenosis")
+    assert small.calibration.folds == 3  # studies 1000, 1001, 1002
+    none = K.calibrate_run(run, oof, index, method="none", prior_mix=True, reweight=True,
+                           checkpoint="best", condition="spinal_canal_stenosis")
+    assert none.calibration.is_identity and none.calibration.kept == ()
+    assert none.calibration.nll_after == none.calibration.nll_before
+
+
 def test_survives_save_and_load(tmp_path):
     run, oof, index, _ = _oof_run(tmp_path, 2000, scale=4.0)
     rc = K.calibrate_run(run, oof, index, method="temperature_bias", prior_mix=True,
