@@ -214,3 +214,119 @@ def test_reliability_plot_writes_png(tmp_path, tempered):
     ece = C.expected_calibration_error(_softmax(z), y)
     assert f"before (ECE {ece:.3f})" in legend
     plt.close(fig)
+
+
+# --- Cross-fitting: a stage is kept only where it lowers the loss out of sample --------------
+
+
+def test_calibrated_small_set_keeps_the_identity_far_more_often_than_an_in_sample_fit():
+    """True T = 1, n = 60: an in-sample fit moves T on every seed (noise always lowers the
+    loss of the samples it was fitted on). Cross-validated selection of one parameter is
+    asymptotically Akaike's criterion (Stone 1977): kept when the likelihood-ratio statistic,
+    chi2_1 under the null, exceeds 2 (K-fold, fitting on 4/5 of the samples: a little more),
+    so the identity should come back at a rate of at least 1 - P(chi2_1 > 2) = 0.84."""
+    from scipy.stats import chi2
+
+    seeds, n = 50, 60
+    robust_identity = in_sample_identity = 0
+    for seed in range(seeds):
+        rng = np.random.default_rng(100 + seed)
+        z = rng.normal(0.0, 1.5, (n, 3))
+        y = _sample(rng, _softmax(z))
+        robust, in_sample = C.fit_calibration(z, y), C.fit_calibration(z, y, folds=0)
+        robust_identity += robust.is_identity
+        in_sample_identity += in_sample.is_identity
+        assert robust.folds == 5 and in_sample.folds == 0 and in_sample.cv_nll is None
+        if not robust.is_identity:  # a kept stage is the fit on all samples
+            assert robust.temperature == pytest.approx(in_sample.temperature)
+    expected = 1.0 - chi2.sf(2.0, df=1)
+    tolerance = 3.0 * math.sqrt(expected * (1 - expected) / seeds)  # 3 binomial sd
+    assert robust_identity / seeds >= expected - tolerance
+    assert in_sample_identity / seeds <= 1.0 - expected  # an in-sample fit: rate ~0
+    assert robust_identity - in_sample_identity >= seeds / 2
+
+
+def test_overconfident_model_keeps_its_temperature_at_moderate_n():
+    """Logits 3x the truth on 400 samples: the temperature lowers the cross-fitted loss too,
+    is kept, is near 3, and lowers the loss on 4000 unseen samples."""
+    rng = np.random.default_rng(11)
+    z_true = rng.normal(0.0, 1.5, (4400, 3))
+    y = _sample(rng, _softmax(z_true))
+    w = sample_weights(y)
+    fit, held = slice(0, 400), slice(400, None)
+    calib = C.fit_calibration(3.0 * z_true[fit], y[fit], w[fit])
+    assert calib.kept == ("temperature",)
+    assert calib.temperature == pytest.approx(3.0, rel=0.25)
+    assert calib.cv_nll["temperature"] < calib.cv_nll["identity"] - 0.05
+    assert calib.nll_after < calib.nll_before - 0.05
+    before = C.weighted_nll(_softmax(3.0 * z_true[held]), y[held], w[held])
+    after = C.weighted_nll(C.apply(3.0 * z_true[held], calib), y[held], w[held])
+    assert after < before - 0.05
+
+
+def test_report_fields_agree_with_recomputed_losses_and_hand_cross_fit():
+    """nll/ece before and after recomputed with sklearn and the ECE function; the identity's
+    cross-fitted loss is its plain loss; the temperature's is the temperature fitted on four
+    study folds and scored on the fifth, by hand; kept says which values are not identity."""
+    rng = np.random.default_rng(12)
+    n = 300
+    z_true = rng.normal(0.0, 1.5, (n, 3))
+    y = _sample(rng, _softmax(z_true))
+    z, w = 2.0 * z_true, sample_weights(y)
+    studies = 5000 + np.arange(n) // 5
+    prior = np.array([0.7, 0.2, 0.1])
+    calib = C.fit_calibration(z, y, w, bias=True, prior=prior, groups=studies)
+    after = C.apply(z, calib, prior)
+    assert calib.nll_before == pytest.approx(log_loss(y, _softmax(z), sample_weight=w))
+    assert calib.nll_after == pytest.approx(log_loss(y, after, sample_weight=w))
+    assert calib.nll_after <= calib.nll_before
+    assert calib.ece_before == pytest.approx(C.expected_calibration_error(_softmax(z), y, 10, w))
+    assert calib.ece_after == pytest.approx(C.expected_calibration_error(after, y, 10, w))
+    assert calib.cv_nll["identity"] == pytest.approx(calib.nll_before)
+    assert set(calib.cv_nll) == {"identity", *C.STAGES} and calib.folds == 5
+    assert ("temperature" in calib.kept) == (calib.temperature != 1.0)
+    assert ("bias" in calib.kept) == any(calib.bias)
+    assert ("prior_mix" in calib.kept) == (calib.prior_mix > 0)
+    fold = C.fold_ids(n, 5, studies)
+    losses = np.zeros(n)
+    for k in range(5):
+        rest, held = fold != k, fold == k
+        t = C.fit_calibration(z[rest], y[rest], w[rest], folds=0).temperature
+        losses[held] = -np.log(_softmax(z[held] / t)[np.arange(held.sum()), y[held]])
+    assert calib.cv_nll["temperature"] == pytest.approx(np.dot(w, losses) / w.sum(), rel=1e-6)
+
+
+def test_fold_ids_are_fixed_balanced_and_keep_groups_together():
+    groups = np.repeat(np.arange(23), 5)[::-1]
+    fold = C.fold_ids(len(groups), 5, groups)
+    np.testing.assert_array_equal(fold, C.fold_ids(len(groups), 5, groups))
+    for g in np.unique(groups):
+        assert len(set(fold[groups == g])) == 1
+    per_fold = np.bincount([fold[groups == g][0] for g in np.unique(groups)])
+    assert sorted(per_fold) == [4, 4, 5, 5, 5]  # 23 groups dealt round-robin
+    assert set(C.fold_ids(3, 5)) == {0, 1, 2}  # at most one fold per group
+
+
+def test_one_group_keeps_nothing():
+    """All samples of one study: nothing can be judged out of sample, so nothing is kept,
+    however overconfident the scores."""
+    rng = np.random.default_rng(13)
+    z = rng.normal(0.0, 1.5, (40, 3))
+    y = _sample(rng, _softmax(z))
+    calib = C.fit_calibration(5.0 * z, y, groups=np.zeros(40))
+    assert calib.is_identity and calib.kept == () and calib.folds == 1
+    assert C.fit_calibration(5.0 * z, y, folds=0).temperature > 2  # in sample it would move
+
+
+def test_files_without_the_cross_fitting_fields_still_load():
+    old = {"temperature": 1.43, "bias": [0.0, 0.0, 0.0], "prior_mix": 0.1, "nll_before": 0.45,
+           "nll_after": 0.42, "ece_before": 0.1, "ece_after": 0.08, "n": 80}
+    back = C.Calibration.from_dict(old)
+    assert back.temperature == 1.43 and back.folds == 0
+    assert back.kept is None and back.cv_nll is None
+    new = C.Calibration(temperature=2.0, nll_before=0.5, nll_after=0.4, ece_before=0.2,
+                        ece_after=0.1, n=5, folds=5, kept=("temperature",),
+                        cv_nll={"identity": 0.5, "temperature": 0.45})
+    assert C.Calibration.from_dict(json.loads(json.dumps(new.to_dict()))) == new
+    with pytest.raises(ValueError, match="kept"):
+        C.Calibration.from_dict({**old, "kept": ["colour"]})

@@ -14,9 +14,10 @@ from sklearn.metrics import log_loss
 from spinegrade import calibration as C
 from spinegrade.choices import CALIBRATION_METHODS
 from spinegrade.config import load_config
-from spinegrade.constants import CLASS_NAMES, CLASS_WEIGHTS, LEVELS
+from spinegrade.constants import CLASS_NAMES, CLASS_WEIGHTS, LEVELS, PRIOR_FLOOR
 from spinegrade.data.preprocess import CropRequest
 from spinegrade.engine import calibrate as K
+from spinegrade.engine.priors import level_prior
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 
@@ -59,11 +60,15 @@ def test_methods_are_the_config_choices():
 
 
 def test_level_prior_by_hand():
-    prior = K.level_prior([0, 0, 0, 1], [0, 0, 2, 1], reweight=True)
-    # L1/L2: counts 2/0/1 -> x [1, 2, 4] = 2/0/4; L2/L3: 0/1/0; L3/L4..: overall 2/1/1 -> 2/2/4.
-    np.testing.assert_allclose(prior[0], [2 / 6, 0, 4 / 6])
-    np.testing.assert_allclose(prior[1], [0, 1, 0])
-    np.testing.assert_allclose(prior[4], [2 / 8, 2 / 8, 4 / 8])
+    """Add-one smoothed, x [1, 2, 4], floored: predict's fallback prior, so the prior mix is
+    fitted against the numbers predict mixes in."""
+    prior = level_prior([0, 0, 0, 1], [0, 0, 2, 1], reweight=True)
+    f = PRIOR_FLOOR
+    # L1/L2: counts 2/0/1 -> add-one 3/1/2 -> x [1, 2, 4] = 3/2/8 (of 13); L2/L3: 0/1/0 ->
+    # 1/2/1 -> 1/4/4 (of 9); L3/L4..: the overall 2/1/1 -> 3/2/2 -> 3/4/8 (of 15).
+    np.testing.assert_allclose(prior[0], f + (1 - 3 * f) * np.array([3, 2, 8]) / 13)
+    np.testing.assert_allclose(prior[1], f + (1 - 3 * f) * np.array([1, 4, 4]) / 9)
+    np.testing.assert_allclose(prior[4], f + (1 - 3 * f) * np.array([3, 4, 8]) / 15)
 
 
 def test_overconfident_run_recovers_temperature_and_never_worsens(tmp_path):
@@ -102,8 +107,29 @@ def test_prior_is_the_training_rows_per_level(tmp_path):
     rc = K.calibrate_run(run, oof, index, method="temperature", prior_mix=False,
                          reweight=False, checkpoint="best", condition="spinal_canal_stenosis")
     at = train[train["level"] == LEVELS[2]]["label"]
-    np.testing.assert_allclose(rc.prior[2], np.bincount(at, minlength=3) / len(at))
+    smoothed = (np.bincount(at, minlength=3) + 1) / (len(at) + 3)  # add-one, no reweighting
+    np.testing.assert_allclose(rc.prior[2], PRIOR_FLOOR + (1 - 3 * PRIOR_FLOOR) * smoothed)
     assert rc.calibration.prior_mix == 0.0
+
+
+def test_stages_are_cross_fitted_over_the_studies(tmp_path):
+    """oof.csv's study_id groups the folds: 15 rows of 3 studies give 3 folds; 300 rows of an
+    overconfident model keep the temperature over 5 folds, and the log line says so."""
+    run, oof, index, _ = _oof_run(tmp_path, 300, scale=3.0, seed=3)
+    rc = K.calibrate_run(run, oof, index, method="temperature", prior_mix=False,
+                         reweight=True, checkpoint="best", condition="spinal_canal_stenosis")
+    cal = rc.calibration
+    assert cal.folds == 5 and cal.kept == ("temperature",) and cal.temperature > 2
+    assert cal.cv_nll["temperature"] < cal.cv_nll["identity"]
+    line = K.format_calibration(rc)
+    assert "kept: temperature" in line and f"identity {cal.cv_nll['identity']:.4f}" in line
+    small = K.calibrate_run(run, oof.iloc[:15], index, method="temperature", prior_mix=True,
+                            reweight=True, checkpoint="best", condition="spinal_canal_stenosis")
+    assert small.calibration.folds == 3  # studies 1000, 1001, 1002
+    none = K.calibrate_run(run, oof, index, method="none", prior_mix=True, reweight=True,
+                           checkpoint="best", condition="spinal_canal_stenosis")
+    assert none.calibration.is_identity and none.calibration.kept == ()
+    assert none.calibration.nll_after == none.calibration.nll_before
 
 
 def test_survives_save_and_load(tmp_path):

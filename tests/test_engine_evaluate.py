@@ -110,6 +110,9 @@ def test_calibration_is_fitted_stored_reported_and_applied(run):
     assert final["calibration"]["temperature"] == pytest.approx(rc.calibration.temperature)
     page = (r / "report.html").read_text()
     assert "Calibration" in page and "ECE" in page and (r / "plots/reliability.png").is_file()
+    # Stages judged cross-fitted over oof.csv's studies: one fold per study, at most 5.
+    assert rc.calibration.folds == min(5, oof["study_id"].nunique())
+    assert f"cross-fitted over {rc.calibration.folds} folds" in page
 
     assert main(["evaluate", str(r), "--checkpoint", "swa", "--no-tta", "--out",
                  str(run / "ec")]) == 0

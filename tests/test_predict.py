@@ -76,9 +76,8 @@ def test_priors_are_distributions_and_reweighted():
     np.testing.assert_allclose(rew, f + (1 - 3 * f) * np.array([9.0, 4.0, 8.0]) / 21.0)
 
 
-def test_fallback_prior_of_a_level_without_moderate_or_severe_is_smoothed(tmp_path):
-    """Training folds with only Normal/Mild at L5/S1 must not give exact zeros (one such
-    fallback row would cost ~34 nats under the metric's eps clipping)."""
+def _run_with_cache(tmp_path: Path):
+    """A run folder whose crop cache has four studies; study 1003 is the validation fold."""
     from spinegrade.data.cache import CropCache
     from spinegrade.engine.run_folder import RunFolder, write_json
 
@@ -92,7 +91,13 @@ def test_fallback_prior_of_a_level_without_moderate_or_severe_is_smoothed(tmp_pa
     run.root.mkdir()
     write_json(run.run_info, {"cache": str(cache.path), "fold": 0})
     pd.DataFrame({"study_id": list(labels), "fold": [1, 2, 1, 0]}).to_csv(run.split, index=False)
+    return run, CropCache.open(cache.path).index
 
+
+def test_fallback_prior_of_a_level_without_moderate_or_severe_is_smoothed(tmp_path):
+    """Training folds with only Normal/Mild at L5/S1 must not give exact zeros (one such
+    fallback row would cost ~34 nats under the metric's eps clipping)."""
+    run, _ = _run_with_cache(tmp_path)
     prior = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=True)
     f = PRIOR_FLOOR
     # L5/S1 training counts (3, 0, 0) -> add-one (4, 1, 1) -> x (1, 2, 4) = (4, 2, 4) / 10.
@@ -103,6 +108,25 @@ def test_fallback_prior_of_a_level_without_moderate_or_severe_is_smoothed(tmp_pa
     np.testing.assert_allclose(prior.sum(axis=1), 1.0)
     plain = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=False)
     assert plain.min() >= PRIOR_FLOOR  # no zero without the reweighting either
+
+
+@pytest.mark.parametrize("reweight", [True, False])
+def test_prior_mix_is_fitted_against_the_prior_predict_mixes_in(tmp_path, reweight):
+    """calibrate_run (the prior mix's fit, on the validation fold's oof.csv) and predict's
+    training_prior (its apply) give the same per-level prior of the same training rows."""
+    from spinegrade.constants import CLASS_NAMES
+    from spinegrade.engine import calibrate as K
+
+    run, index = _run_with_cache(tmp_path)
+    oof = index[index["study_id"] == 1003][["row", "study_id", "level", "label"]].copy()
+    for k, c in enumerate(CLASS_NAMES):
+        oof[f"prob_{c}"] = [0.6, 0.3, 0.1][k]
+    rc = K.calibrate_run(run, oof, index, method="temperature", prior_mix=True,
+                         reweight=reweight, checkpoint="best", condition="spinal_canal_stenosis")
+    applied = P.training_prior(run.root, "spinal_canal_stenosis", None, reweight=reweight)
+    np.testing.assert_array_equal(rc.prior, applied)
+    assert rc.prior.min() >= PRIOR_FLOOR
+    assert rc.calibration.folds == 1  # one validation study: nothing judged, nothing kept
 
 
 def test_series_type_from_dicom_descriptions():

@@ -212,6 +212,10 @@ class EvalConfig:
     calibration: str = "temperature"
     calibration_prior_mix: bool = True
     calibration_bins: int = 10
+    # Each calibration stage is kept only if it lowers the out-of-fold loss cross-fitted over
+    # this many folds of the studies (fit on the others, score the held-out one); 0 judges it
+    # on the samples it was fitted on (the in-sample fit, optimistic on small sets).
+    calibration_folds: int = 5
 
 
 @dataclass(frozen=True)

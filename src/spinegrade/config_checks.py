@@ -157,6 +157,9 @@ RULES: dict[str, Rule] = {
                             "positive factors (may be empty)", "[0.9,1.1]"),
     "eval.min_recall": FRACTION,
     "eval.calibration_bins": at_least(2, "10"),
+    "eval.calibration_folds": Rule(lambda v: isinstance(v, int) and not isinstance(v, bool)
+                                   and (v == 0 or v >= 2),
+                                   "0 (judge in sample) or a whole number >= 2", "5"),
     "eval.min_recall_alarm": FRACTION,
     "eval.ba_spread_alarm": at_least(0, "0.05"),
     "eval.min_recall_by_epoch": at_least(1, "3"),

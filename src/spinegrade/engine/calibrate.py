@@ -6,9 +6,13 @@ out-of-fold predictions (``oof.csv``: the validation fold, i.e. crops the model 
 trained on), with the competition's sample weights 1/2/4; then, with
 ``eval.calibration_prior_mix``, the weight of the per-level training prior mixed into every
 prediction (what ``predict.prior_mix`` < 0 uses). Every stage is kept only where it lowers
-the weighted out-of-fold log loss (:func:`spinegrade.calibration.fit_calibration`), so the
-stored calibration never makes it worse. It goes to ``calibration.json`` in the run folder
-with the prior it was chosen against; ``evaluate`` and ``predict`` apply it.
+the weighted out-of-fold log loss cross-fitted over ``eval.calibration_folds`` folds of the
+studies (fitted on the other folds' studies) and on all of them
+(:func:`spinegrade.calibration.fit_calibration`), so the stored calibration never makes the
+out-of-fold loss worse and a stage that only fits noise is dropped. It goes to
+``calibration.json`` in the run folder with the prior it was chosen against
+(:func:`spinegrade.engine.priors.level_prior`, the prior ``predict`` mixes in);
+``evaluate`` and ``predict`` apply it.
 
 The scores calibrated are log-probabilities: softmax(log p / T) equals softmax(z / T) for
 p = softmax(z), and works for probability outputs averaged over TTA views too.
@@ -28,9 +32,9 @@ import numpy as np
 import pandas as pd
 
 from spinegrade import calibration as C
-from spinegrade.competition import class_prior
 from spinegrade.config import Config
 from spinegrade.constants import CLASS_NAMES, LEVELS, NUM_CLASSES
+from spinegrade.engine.priors import default_prior, rows_prior
 from spinegrade.engine.run_folder import write_json
 from spinegrade.errors import UserError
 from spinegrade.metrics import sample_weights
@@ -43,19 +47,6 @@ METHODS = (NO_CALIBRATION, TEMPERATURE, TEMPERATURE_BIAS)
 FORMAT_VERSION = 1
 
 
-def level_counts(levels: Sequence[int], labels: Sequence[int]) -> np.ndarray:
-    """(5, 3) label counts per level; a level without labels borrows the overall counts."""
-    counts = np.zeros((len(LEVELS), NUM_CLASSES))
-    np.add.at(counts, (np.asarray(levels, dtype=np.int64), np.asarray(labels, dtype=np.int64)), 1)
-    counts[counts.sum(axis=1) == 0] = counts.sum(axis=0)
-    return counts
-
-
-def level_prior(levels: Sequence[int], labels: Sequence[int], reweight: bool) -> np.ndarray:
-    """(5, 3) per-level class prior of training labels (times [1, 2, 4] with ``reweight``)."""
-    return class_prior(level_counts(levels, labels), reweight=reweight)
-
-
 @dataclass(frozen=True)
 class RunCalibration:
     """What ``calibration.json`` holds.
@@ -65,7 +56,8 @@ class RunCalibration:
         method: ``eval.calibration`` of the fit.
         checkpoint: the checkpoint whose out-of-fold predictions it was fitted on.
         condition: the run's condition.
-        prior: (5, 3) per-level prior the mix was chosen against (training labels).
+        prior: (5, 3) per-level prior the mix was chosen against (training labels,
+            :func:`~spinegrade.engine.priors.level_prior`).
     """
 
     calibration: C.Calibration
@@ -116,47 +108,48 @@ def oof_arrays(oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 
 def fit_oof(probs: np.ndarray, labels: np.ndarray, levels: np.ndarray, prior: np.ndarray,
-            method: str, prior_mix: bool, n_bins: int = C.DEFAULT_BINS) -> C.Calibration:
+            method: str, prior_mix: bool, n_bins: int = C.DEFAULT_BINS,
+            folds: int = C.DEFAULT_FOLDS, groups: np.ndarray | None = None) -> C.Calibration:
     """The calibration of out-of-fold probabilities (weights 1/2/4 by true grade).
 
     ``method`` none keeps the identity (its before/after figures still measured);
-    ``prior_mix`` also chooses the weight of ``prior[levels]``.
+    ``prior_mix`` also chooses the weight of ``prior[levels]``; each stage is judged
+    cross-fitted over ``folds`` folds of ``groups`` (the study of each row).
     """
     w = sample_weights(labels)
     scores = C.logits_from_probs(probs)
-    rows_prior = np.asarray(prior)[levels] if prior_mix else None
-    if method == NO_CALIBRATION:
-        mixless = C.fit_calibration(scores, labels, w, n_bins=n_bins)
-        return dataclasses.replace(mixless, temperature=1.0, bias=(0.0,) * NUM_CLASSES,
-                                   nll_after=mixless.nll_before, ece_after=mixless.ece_before)
-    return C.fit_calibration(scores, labels, w, bias=method == TEMPERATURE_BIAS,
-                             prior=rows_prior, n_bins=n_bins)
+    fit = method != NO_CALIBRATION
+    rows = np.asarray(prior)[levels] if prior_mix and fit else None
+    return C.fit_calibration(scores, labels, w, temperature=fit,
+                             bias=method == TEMPERATURE_BIAS, prior=rows, n_bins=n_bins,
+                             folds=folds, groups=groups)
 
 
 def calibrate_run(run: Any, oof: pd.DataFrame, index: pd.DataFrame, *, method: str,
                   prior_mix: bool, reweight: bool, checkpoint: str, condition: str,
-                  n_bins: int = C.DEFAULT_BINS) -> RunCalibration:
+                  n_bins: int = C.DEFAULT_BINS, folds: int = C.DEFAULT_FOLDS
+                  ) -> RunCalibration:
     """Fit the run's calibration on ``oof`` and write ``run.calibration`` (calibration.json).
 
     Args:
         run: the :class:`~spinegrade.engine.run_folder.RunFolder`.
         oof: out-of-fold predictions (the ``oof.csv`` frame).
         index: the crop cache index; its rows not in ``oof`` are the training rows whose
-            labels give the per-level prior.
+            labels give the per-level prior (:func:`~spinegrade.engine.priors.rows_prior`).
         method: ``none`` / ``temperature`` / ``temperature_bias``.
         prior_mix: also choose the prior mix.
         reweight: prior times [1, 2, 4] (``predict.prior_reweight``).
         checkpoint: the checkpoint that made ``oof``.
         condition: the run's condition.
         n_bins: bins of the reported ECE.
+        folds: cross-fitting folds over ``oof``'s studies (``eval.calibration_folds``).
     """
-
-    train = index[~index["row"].isin(oof["row"])]
-    train_levels = train["level"].map({name: i for i, name in enumerate(LEVELS)})
-    prior = level_prior(train_levels.to_numpy(dtype=np.int64),
-                        train["label"].to_numpy(dtype=np.int64), reweight)
+    prior = rows_prior(index[~index["row"].isin(oof["row"])], reweight)
+    if prior is None:  # no training labels: predict falls back to the same
+        prior = default_prior(condition, reweight)
     probs, labels, levels = oof_arrays(oof)
-    cal = fit_oof(probs, labels, levels, prior, method, prior_mix, n_bins)
+    groups = oof["study_id"].to_numpy() if "study_id" in oof else None
+    cal = fit_oof(probs, labels, levels, prior, method, prior_mix, n_bins, folds, groups)
     rc = RunCalibration(cal, method, checkpoint, condition, prior)
     write_json(run.calibration, rc.to_dict())
     return rc
@@ -171,7 +164,8 @@ def calibrate_after_training(cfg: Config, run: Any, index: pd.DataFrame, checkpo
         rc = calibrate_run(run, pd.read_csv(run.oof), index, method=ecfg.calibration,
                            prior_mix=ecfg.calibration_prior_mix,
                            reweight=cfg.predict.prior_reweight, checkpoint=checkpoint,
-                           condition=cfg.data.condition, n_bins=ecfg.calibration_bins)
+                           condition=cfg.data.condition, n_bins=ecfg.calibration_bins,
+                           folds=ecfg.calibration_folds)
     except (ValueError, KeyError, FloatingPointError) as e:
         log.warning("could not calibrate %s: %s", run.root, e)
         return None
@@ -212,10 +206,17 @@ def prior_mix_of(runs: Sequence[Any], prior_mix: float) -> float:
 
 
 def format_calibration(rc: RunCalibration) -> str:
-    """One log line: the fitted values and the out-of-fold loss and ECE before and after."""
+    """One log line: the fitted values, the out-of-fold loss and ECE before and after, and
+    which stages the cross-fitting kept."""
     c = rc.calibration
     bias = "/".join(f"{b:+.2f}" for b in c.bias)
-    return (f"calibration ({rc.method}, on {c.n} out-of-fold samples): temperature "
+    line = (f"calibration ({rc.method}, on {c.n} out-of-fold samples): temperature "
             f"{c.temperature:.3f}, bias {bias}, prior mix {c.prior_mix:.3f}; weighted log loss "
             f"{c.nll_before:.4f} -> {c.nll_after:.4f}, ECE {c.ece_before:.4f} -> "
             f"{c.ece_after:.4f}")
+    if c.kept is not None:
+        line += f"; kept: {', '.join(c.kept) or 'nothing'}"
+    if c.cv_nll:
+        line += f" ({c.folds}-fold cross-fitted log loss " + ", ".join(
+            f"{k} {v:.4f}" for k, v in c.cv_nll.items()) + ")"
+    return line

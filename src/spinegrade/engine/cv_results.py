@@ -39,7 +39,7 @@ from spinegrade.engine import run_folder as rf
 from spinegrade.engine.cv import CvFolder, Unit
 from spinegrade.engine.ensemble import Ensemble, EnsembleRun, equal_weights, write_ensemble
 from spinegrade.engine.evaluate import per_level_recall
-from spinegrade.engine.predict import prior_probs
+from spinegrade.engine.priors import prior_probs
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
@@ -144,11 +144,12 @@ def fold_summary(units: Sequence[Unit], preds: pd.DataFrame) -> dict:
     return out
 
 
-def fit_oof_calibration(labels: np.ndarray, probs: np.ndarray) -> dict:
-    """Temperature scaling fitted on out-of-fold probabilities with the competition weights."""
+def fit_oof_calibration(labels: np.ndarray, probs: np.ndarray, studies: np.ndarray) -> dict:
+    """Temperature scaling fitted on out-of-fold probabilities with the competition weights,
+    kept only where it lowers the loss cross-fitted over the studies."""
     labels = np.asarray(labels, dtype=np.int64)
     cal = calibration.fit_calibration(calibration.logits_from_probs(probs), labels,
-                                      sample_weights(labels))
+                                      sample_weights(labels), groups=studies)
     return cal.to_dict()
 
 
@@ -162,7 +163,8 @@ def condition_summary(cond: str, units: Sequence[Unit], folds: pd.DataFrame, n_p
         per_fold.append(fold_summary(fold_units, mine[mine["fold"] == fold]))
     return {"folds": per_fold, **{k: mean_std([f[k] for f in per_fold]) for k in FOLD_STATS},
             "n_rows_model": len(mine), "n_rows_prior": n_prior,
-            "calibration": fit_oof_calibration(mine["label"].to_numpy(), mine[PROBS].to_numpy())}
+            "calibration": fit_oof_calibration(mine["label"].to_numpy(), mine[PROBS].to_numpy(),
+                                               mine["study_id"].to_numpy())}
 
 
 def build_ensemble(units: Sequence[Unit], localizer: str | None, conditions: dict) -> Ensemble:
@@ -173,7 +175,8 @@ def build_ensemble(units: Sequence[Unit], localizer: str | None, conditions: dic
         oof = pd.read_csv(RunFolder(u.run_dir).oof)
         runs.append(EnsembleRun(u.run_dir, u.condition, u.fold, u.seed, weights[u.condition],
                                 RunFolder(u.run_dir).final_checkpoint(),
-                                fit_oof_calibration(oof["label"].to_numpy(), oof[PROBS].to_numpy())))
+                                fit_oof_calibration(oof["label"].to_numpy(), oof[PROBS].to_numpy(),
+                                                    oof["study_id"].to_numpy())))
     return Ensemble(tuple(runs), units[0].cfg.name, localizer,
                     {c: {"calibration": s["calibration"]} for c, s in conditions.items()})
 

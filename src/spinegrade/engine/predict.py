@@ -27,16 +27,12 @@ import pandas as pd
 import torch
 from tqdm import tqdm
 
-from spinegrade.competition import class_prior
 from spinegrade.config import Config, PredictConfig
 from spinegrade.constants import (
-    CLASS_BALANCE,
     CLASS_NAMES,
     CONDITIONS,
     LEVELS,
     NUM_CLASSES,
-    PRIOR_FLOOR,
-    PRIOR_PSEUDO_COUNT,
     SEVERITIES,
     SUBMISSION_COLUMNS,
     row_id,
@@ -47,6 +43,7 @@ from spinegrade.engine.calibrate import RunCalibration, load_calibration, prior_
 from spinegrade.engine.localization_check import LocalizationCheck
 from spinegrade.engine.localize import LocalizerRun
 from spinegrade.engine.loop import resolve_device
+from spinegrade.engine.priors import default_prior, prior_probs, rows_prior
 from spinegrade.engine.run_folder import (
     CHECKPOINT_DIR,
     CHECKPOINT_NAMES,
@@ -83,27 +80,14 @@ _log = logging.getLogger(__name__)
 # --- priors --------------------------------------------------------------------------------------
 
 
-def prior_probs(counts: np.ndarray, reweight: bool, pseudo_count: float = PRIOR_PSEUDO_COUNT
-                ) -> np.ndarray:
-    """The fallback prior: :func:`~spinegrade.competition.class_prior` of counts (..., 3)
-    add-one smoothed, reweighted and floored at ``PRIOR_FLOOR`` (see ``constants``)."""
-    return class_prior(counts, reweight=reweight, pseudo_count=pseudo_count, floor=PRIOR_FLOOR)
-
-
-def default_prior(condition: str, reweight: bool) -> np.ndarray:
-    """(5, 3) prior of a condition from ``CLASS_BALANCE`` (the same at every level).
-
-    The balance is a frequency, not a count: no pseudo count, only the floor."""
-    prior = prior_probs(np.asarray(CLASS_BALANCE[condition]), reweight, pseudo_count=0.0)
-    return np.tile(prior, (len(LEVELS), 1))
-
-
 def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bool
                    ) -> np.ndarray | None:
     """(5, 3) per-level prior from a classifier run's training labels, or None if unknown.
 
     The labels come from the run's crop cache (``run.json``) restricted to the studies that
-    ``split.csv`` puts outside the validation fold.
+    ``split.csv`` puts outside the validation fold; the prior is :func:`priors.rows_prior
+    <spinegrade.engine.priors.rows_prior>`, the one the run's calibration chose its prior
+    mix against.
     """
     run = RunFolder(run_dir)
     try:
@@ -112,18 +96,10 @@ def training_prior(run_dir: Path, condition: str, fold: int | None, reweight: bo
         split = pd.read_csv(run.split)
         fold = info.get("fold", fold) if fold is None else fold
         val = set(split.loc[split["fold"] == fold, "study_id"].astype(str))
-        train = index[~index["study_id"].astype(str).isin(val)]
-        counts = (pd.crosstab(train["level"], train["label"])
-                  .reindex(index=list(LEVELS), columns=range(NUM_CLASSES), fill_value=0))
+        return rows_prior(index[~index["study_id"].astype(str).isin(val)], reweight)
     except Exception as e:  # any missing piece: the caller falls back to CLASS_BALANCE
         _log.info("%s: training labels not available for priors (%s)", run_dir, e)
         return None
-    counts = counts.to_numpy(dtype=np.float64, copy=True)
-    if counts.sum() == 0:
-        return None
-    # A level never seen in training borrows the condition's overall frequencies.
-    counts[counts.sum(axis=1) == 0] = counts.sum(axis=0)
-    return prior_probs(counts, reweight)
 
 
 # --- classifier runs -----------------------------------------------------------------------------

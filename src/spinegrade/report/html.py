@@ -216,6 +216,11 @@ def _calibration_section(run: RunFolder) -> tuple[list[Path], list[str]]:
             f"{html.escape(rc.checkpoint)} checkpoint: temperature {c.temperature:.3f}, "
             f"bias [{bias}], prior mix {c.prior_mix:.3f} (applied by evaluate and predict; "
             "ECE of the top-label confidence, 1/2/4-weighted)</p>")
+    if c.cv_nll:
+        cv = ", ".join(f"{html.escape(k)} {v:.4f}" for k, v in c.cv_nll.items())
+        text += (f"<p>Stages kept: {html.escape(', '.join(c.kept or ()) or 'none')}; each "
+                 f"only where it lowered the weighted log loss cross-fitted over {c.folds} "
+                 f"folds of the studies ({cv})</p>")
     return [png], ["<h2>Calibration</h2>", text, _table(table)]
 
 
