@@ -1,6 +1,6 @@
 """Reliability diagram of a calibration: confidence against observed accuracy, before/after.
 
-Takes plain arrays or :class:`spinegrade.calibration.ReliabilityBins`; writes one PNG
+Takes plain arrays or :class:`spinegrade.reliability.ReliabilityBins`; writes one PNG
 atomically (through ``report.plots.save_figure``) or returns the figure. Matplotlib runs
 headless (Agg).
 """
@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from spinegrade.calibration import DEFAULT_BINS, ReliabilityBins, reliability_bins  # noqa: E402
+from spinegrade.reliability import DEFAULT_BINS, ReliabilityBins, reliability_bins  # noqa: E402
 from spinegrade.report.plots import save_figure  # noqa: E402
 
 CURVE_STYLES = {"before": ("#C44E52", "s"), "after": ("#4C72B0", "o")}
