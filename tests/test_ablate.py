@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spinegrade.constants import CLASS_PROB_COLUMNS
 from spinegrade.engine import ablate
 
 
@@ -186,7 +187,7 @@ def test_paired_differences_to_the_reference_over_folds_and_seeds(tmp_path):
     # is the BA of all v6 rows pooled over folds x seeds (sklearn) minus v8's, which is 1.
     v6 = json.loads(table.loc["v6", "_ba_diff"])
     pooled = pd.concat([ablate._oof(r) for r in runs if r.label == "v6"])
-    want = balanced_accuracy_score(pooled["label"], pooled[ablate.PROBS].to_numpy().argmax(1)) - 1
+    want = balanced_accuracy_score(pooled["label"], pooled[list(CLASS_PROB_COLUMNS)].to_numpy().argmax(1)) - 1
     assert v6["estimate"] == pytest.approx(want, abs=1e-12)
     assert v6["low"] <= want <= v6["high"] < 0 and "(≈ 0)" not in table.loc["v6", col]
     assert table.loc["v8", "Final-model BA"] == "1.000 ± 0.000"

@@ -29,7 +29,7 @@ import pandas as pd
 
 from spinegrade.bootstrap import Interval, mean_std, paired_difference
 from spinegrade.config import Config, load_config
-from spinegrade.constants import CLASS_NAMES
+from spinegrade.constants import CLASS_NAMES, CLASS_PROB_COLUMNS
 from spinegrade.data.cache import META_FILE, cache_key, resolve_cache_dir
 from spinegrade.data.prepare import prepare
 from spinegrade.engine.run_folder import RunFolder
@@ -54,7 +54,6 @@ CURVES_PNG = "curves.png"
 MANIFEST_JSON = "runs.json"
 # The version the paired differences are taken against (when it is among the configs).
 REFERENCE = "v8"
-PROBS = [f"prob_{c}" for c in CLASS_NAMES]
 
 # One change each to v8: (label, overrides, what the change undoes).
 ONE_FACTOR_ABLATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -301,8 +300,8 @@ def paired_differences(group: Sequence[PlannedRun], reference: Sequence[PlannedR
         return None
     both = pd.concat(parts, ignore_index=True)
     y = both["label"].to_numpy(dtype=np.int64)
-    pa = both[PROBS].to_numpy()
-    pb = both[[f"{c}_ref" for c in PROBS]].to_numpy()
+    pa = both[list(CLASS_PROB_COLUMNS)].to_numpy()
+    pb = both[[f"{c}_ref" for c in CLASS_PROB_COLUMNS]].to_numpy()
     study = both["study_id"].to_numpy()
     return {"ba": paired_difference(_ba(y, pa), _ba(y, pb), study),
             "wlogloss": paired_difference(_wlogloss(y, pa), _wlogloss(y, pb), study)}
@@ -325,7 +324,7 @@ def _final_bas(group: Sequence[PlannedRun], recorded: Sequence[float]) -> list[f
     for run, ba in zip(group, recorded, strict=True):
         oof = _oof(run)
         if oof is not None:
-            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[PROBS].to_numpy())(
+            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[list(CLASS_PROB_COLUMNS)].to_numpy())(
                 np.ones(len(oof))))
         elif not np.isnan(ba):
             out.append(ba)
