@@ -30,7 +30,7 @@ import pandas as pd
 from spinegrade.bootstrap import Interval, mean_std, paired_difference
 from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_NAMES, CLASS_PROB_COLUMNS
-from spinegrade.data.cache import META_FILE, cache_key, resolve_cache_dir
+from spinegrade.data.cache import META_FILE, find_cache, resolve_cache_dir
 from spinegrade.data.prepare import prepare
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
@@ -150,16 +150,16 @@ def cache_for(cfg: Config, cache: Path, data_dir: Path | None = None, workers: i
     settings = dataclasses.asdict(cfg.data)
     if (cache / META_FILE).is_file():
         return cache
-    keyed = cache / cache_key(settings)
     if data_dir is not None:
         return prepare(data_dir, cache, settings, workers=workers)
-    if (keyed / META_FILE).is_file():
-        return keyed
+    found = find_cache(cache, settings)
+    if found is not None:
+        return found
     try:
         return resolve_cache_dir(cache)
     except UserError:
-        raise UserError(f"{cache} holds no crop cache for {cfg.name}'s data settings "
-                        f"({keyed.name}); pass --data DATA to prepare it, or run 'spinegrade "
+        raise UserError(f"{cache} holds no {settings['condition']} crop cache for {cfg.name}'s "
+                        "data settings; pass --data DATA to prepare it, or run 'spinegrade "
                         f"prepare DATA --out {cache} --config <{cfg.name}'s config>'") from None
 
 
