@@ -32,6 +32,7 @@ from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_NAMES, CLASS_PROB_COLUMNS
 from spinegrade.data.cache import META_FILE, find_cache, resolve_cache_dir
 from spinegrade.data.prepare import prepare
+from spinegrade.engine.cv import fold_seed_runs
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
@@ -116,12 +117,10 @@ def plan_runs(
             raise ValueError(f"two configs share the name '{label}'; give each a unique name")
         seen.add(label)
         folder = out_dir / RUNS_DIR / label.replace(":", "__").replace("=", "-")
-        for fold in folds:
-            for seed in range(cfg.train.seed, cfg.train.seed + seeds):
-                cfg_run = load_config(path, [*extra, *overrides, f"data.fold={fold}",
-                                             f"train.seed={seed}"], preset=preset)
-                name = f"fold{fold}" if seeds == 1 else f"fold{fold}-seed{seed}"
-                runs.append(PlannedRun(label, fold, cfg_run, folder / name, change, seed))
+        for fold, seed, cfg_run, name in fold_seed_runs(
+                path, [*extra, *overrides], folds, range(cfg.train.seed, cfg.train.seed + seeds),
+                preset):
+            runs.append(PlannedRun(label, fold, cfg_run, folder / name, change, seed))
     return runs
 
 
@@ -324,8 +323,8 @@ def _final_bas(group: Sequence[PlannedRun], recorded: Sequence[float]) -> list[f
     for run, ba in zip(group, recorded, strict=True):
         oof = _oof(run)
         if oof is not None:
-            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[list(CLASS_PROB_COLUMNS)].to_numpy())(
-                np.ones(len(oof))))
+            probs = oof[list(CLASS_PROB_COLUMNS)].to_numpy()
+            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), probs)(np.ones(len(oof))))
         elif not np.isnan(ba):
             out.append(ba)
     return out

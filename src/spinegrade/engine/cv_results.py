@@ -61,7 +61,8 @@ FOLD_STATS = ("final_ba", "best_epoch_ba", "weighted_logloss",
               *(f"recall_{c}" for c in CLASS_NAMES))
 
 
-def read_run_files(units: Sequence[Unit]) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+def read_run_files(units: Sequence[Unit]
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
     """Each unit's oof.csv and metrics.csv, read once, by ``unit.tag``."""
     oofs = {u.tag: pd.read_csv(RunFolder(u.run_dir).oof) for u in units}
     metrics = {u.tag: pd.read_csv(RunFolder(u.run_dir).metrics) for u in units}
