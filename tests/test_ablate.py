@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from spinegrade.constants import CLASS_PROB_COLUMNS
 from spinegrade.engine import ablate
 
 
@@ -126,9 +127,36 @@ def test_each_version_gets_the_cache_of_its_data_settings(tmp_path):
     try:
         ablate.cache_for(v4, root)
     except UserError as e:
-        assert "--data" in str(e) and keys["v4"] in str(e)
+        assert "--data" in str(e) and v4.data.condition in str(e)
     else:
         raise AssertionError("a missing cache must be a UserError")
+
+
+def test_cache_for_finds_caches_keyed_by_settings_and_dataset(tmp_path):
+    """``prepare`` names a cache by its settings *and* the dataset's fingerprint."""
+    import dataclasses
+
+    from spinegrade.config import load_config
+    from spinegrade.data.cache import META_FILE, cache_key
+    from spinegrade.errors import UserError
+
+    v4, v8 = load_config("v4", preset="ablate-demo"), load_config("v8", preset="ablate-demo")
+    root, fp = tmp_path / "caches", "0123456789abcdef"
+    dirs = {}
+    for cfg in (v4, v8):
+        dirs[cfg.name] = root / cache_key(dataclasses.asdict(cfg.data), fp)
+        dirs[cfg.name].mkdir(parents=True)
+        (dirs[cfg.name] / META_FILE).write_text(json.dumps({"dataset": {"fingerprint": fp}}))
+    assert dirs["v4"].name != cache_key(dataclasses.asdict(v4.data))  # not the settings-only key
+    assert ablate.cache_for(v4, root) == dirs["v4"]
+    assert ablate.cache_for(v8, root) == dirs["v8"]
+    # The same settings prepared from a second dataset: which one is meant is not guessed.
+    other = root / cache_key(dataclasses.asdict(v4.data), "fedcba9876543210")
+    other.mkdir()
+    (other / META_FILE).write_text(json.dumps({"dataset": {"fingerprint": "fedcba9876543210"}}))
+    with pytest.raises(UserError, match="several datasets"):
+        ablate.cache_for(v4, root)
+    assert ablate.cache_for(v8, root) == dirs["v8"]
 
 
 def test_preset_keeps_each_versions_training_recipe():
@@ -186,7 +214,7 @@ def test_paired_differences_to_the_reference_over_folds_and_seeds(tmp_path):
     # is the BA of all v6 rows pooled over folds x seeds (sklearn) minus v8's, which is 1.
     v6 = json.loads(table.loc["v6", "_ba_diff"])
     pooled = pd.concat([ablate._oof(r) for r in runs if r.label == "v6"])
-    want = balanced_accuracy_score(pooled["label"], pooled[ablate.PROBS].to_numpy().argmax(1)) - 1
+    want = balanced_accuracy_score(pooled["label"], pooled[list(CLASS_PROB_COLUMNS)].to_numpy().argmax(1)) - 1
     assert v6["estimate"] == pytest.approx(want, abs=1e-12)
     assert v6["low"] <= want <= v6["high"] < 0 and "(≈ 0)" not in table.loc["v6", col]
     assert table.loc["v8", "Final-model BA"] == "1.000 ± 0.000"

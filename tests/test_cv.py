@@ -26,6 +26,7 @@ from spinegrade.engine.ensemble import (
     read_ensemble,
     write_ensemble,
 )
+from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.train import KILL_ENV
 from spinegrade.errors import UserError
 
@@ -118,6 +119,9 @@ def test_predict_with_the_ensemble_equals_classifier_flags(synth_dir, cv_once, t
     ens = read_ensemble(cv_once / "ensemble.yaml")
     assert [r.fold for r in ens.runs] == [0, 1] and sum(r.weight for r in ens.runs) == 1.0
     assert ens.runs[0].calibration["temperature"] > 0
+    for r in ens.runs:  # each run's own calibration.json, not a second fit
+        stored = json.loads(RunFolder(r.path).calibration.read_text())
+        assert r.calibration == stored["calibration"]
     common = ["predict", str(synth_dir), "--localizer", str(loc), "--no-progress",
               "--set", "predict.figures=false"]
     assert main([*common, "--ensemble", str(cv_once / "ensemble.yaml"),

@@ -16,7 +16,7 @@ from spinegrade.data import localizer as D
 from spinegrade.engine import localize as L
 from spinegrade.engine.split import holdout_split
 from spinegrade.losses import focal_heatmap_loss
-from spinegrade.metrics import keypoint_errors, summarize_errors
+from spinegrade.metrics import keypoint_errors, selection_score, summarize_errors
 from spinegrade.models import localizer_decode as dec
 from spinegrade.models.localizer import HeatmapLocalizer
 
@@ -166,9 +166,16 @@ def test_train_localizer_cli_end_to_end(synth_dir, tmp_path, capsys):
     # Four epochs on nine studies: a loose bound; the full-size check is in docs/predict.md.
     assert overall["slice_within1"] >= 0.5
     assert np.isfinite(overall["median_mm"])
-    # Running again resumes from last.pt (weights_only=True; nothing left to train).
+    # The held-out errors written are the best epoch's (the lowest selection score logged).
+    best_score = pd.read_csv(task / "metrics.csv")["val_score_mm"].min()
+    errors = pd.read_csv(task / "val_predictions.csv")
+    assert selection_score(errors) == pytest.approx(best_score, rel=1e-9)
+    # Running again resumes from last.pt (weights_only=True; nothing left to train) and
+    # measures the best checkpoint again: the same errors.
     assert main(args) == 0
     assert len(pd.read_csv(task / "metrics.csv")) == 4
+    again = pd.read_csv(task / "val_predictions.csv")
+    np.testing.assert_allclose(again["error_3d_mm"], errors["error_3d_mm"], rtol=1e-6)
     run = L.LocalizerRun.load(out)
     assert run.series_descriptions == ("Sagittal T2/STIR",)
     assert Path(out / "config.yaml").is_file()

@@ -86,6 +86,8 @@ SEVERITY_TO_INDEX: dict[str, int] = {s: i for i, s in enumerate(SEVERITIES)}
 # the keys of plots, tables and log lines.
 CLASS_NAMES: tuple[str, ...] = tuple(s.lower().replace("/", "_") for s in SEVERITIES)
 NUM_CLASSES = len(SEVERITIES)
+# A run's probability columns (oof.csv, eval/predictions.csv: engine/run_folder.py writes them).
+CLASS_PROB_COLUMNS: tuple[str, ...] = tuple(f"prob_{c}" for c in CLASS_NAMES)
 # Competition sample weights by true severity; also the loss's class weights.
 CLASS_WEIGHTS: tuple[float, ...] = (1.0, 2.0, 4.0)
 # v8 head bias at initialisation (softmax -> approx. the spinal class balance).

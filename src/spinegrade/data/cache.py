@@ -254,6 +254,29 @@ def resolve_cache_dir(path: str | Path) -> Path:
                     "resumes when run again)")
 
 
+def find_cache(root: str | Path, settings: Mapping[str, Any]) -> Path | None:
+    """The complete cache under ``root`` that ``prepare`` made for ``settings``, when one is
+    there: its folder name is the key of these settings and the dataset its meta.json names
+    (or of the settings alone: caches made before the dataset was part of the key).
+
+    Raises:
+        UserError: several datasets were prepared into ``root`` with these settings.
+    """
+    found = []
+    for meta_path in sorted(Path(root).glob(f"*/{META_FILE}")):
+        try:
+            dataset = json.loads(meta_path.read_text()).get("dataset") or {}
+        except (ValueError, AttributeError):
+            continue  # not a cache's meta.json; resolve_cache_dir names what is wrong
+        name = meta_path.parent.name
+        if name == cache_key(settings, str(dataset.get("fingerprint", ""))):
+            found.append(meta_path.parent)
+    if len(found) > 1:
+        raise UserError(f"{root} holds caches of these settings from several datasets "
+                        f"({', '.join(p.name for p in found)}); pass the one to use, or --data")
+    return found[0] if found else None
+
+
 def write_index(path: Path, index_df: pd.DataFrame) -> None:
     """Write ``index.csv`` atomically (the one format both writers use)."""
     with atomic_path(path, suffix=".csv") as tmp:

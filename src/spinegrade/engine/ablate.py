@@ -29,9 +29,10 @@ import pandas as pd
 
 from spinegrade.bootstrap import Interval, mean_std, paired_difference
 from spinegrade.config import Config, load_config
-from spinegrade.constants import CLASS_NAMES
-from spinegrade.data.cache import META_FILE, cache_key, resolve_cache_dir
+from spinegrade.constants import CLASS_NAMES, CLASS_PROB_COLUMNS
+from spinegrade.data.cache import META_FILE, find_cache, resolve_cache_dir
 from spinegrade.data.prepare import prepare
+from spinegrade.engine.cv import fold_seed_runs
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_write_text
@@ -54,7 +55,6 @@ CURVES_PNG = "curves.png"
 MANIFEST_JSON = "runs.json"
 # The version the paired differences are taken against (when it is among the configs).
 REFERENCE = "v8"
-PROBS = [f"prob_{c}" for c in CLASS_NAMES]
 
 # One change each to v8: (label, overrides, what the change undoes).
 ONE_FACTOR_ABLATIONS: tuple[tuple[str, tuple[str, ...], str], ...] = (
@@ -117,12 +117,10 @@ def plan_runs(
             raise ValueError(f"two configs share the name '{label}'; give each a unique name")
         seen.add(label)
         folder = out_dir / RUNS_DIR / label.replace(":", "__").replace("=", "-")
-        for fold in folds:
-            for seed in range(cfg.train.seed, cfg.train.seed + seeds):
-                cfg_run = load_config(path, [*extra, *overrides, f"data.fold={fold}",
-                                             f"train.seed={seed}"], preset=preset)
-                name = f"fold{fold}" if seeds == 1 else f"fold{fold}-seed{seed}"
-                runs.append(PlannedRun(label, fold, cfg_run, folder / name, change, seed))
+        for fold, seed, cfg_run, name in fold_seed_runs(
+                path, [*extra, *overrides], folds, range(cfg.train.seed, cfg.train.seed + seeds),
+                preset):
+            runs.append(PlannedRun(label, fold, cfg_run, folder / name, change, seed))
     return runs
 
 
@@ -151,16 +149,16 @@ def cache_for(cfg: Config, cache: Path, data_dir: Path | None = None, workers: i
     settings = dataclasses.asdict(cfg.data)
     if (cache / META_FILE).is_file():
         return cache
-    keyed = cache / cache_key(settings)
     if data_dir is not None:
         return prepare(data_dir, cache, settings, workers=workers)
-    if (keyed / META_FILE).is_file():
-        return keyed
+    found = find_cache(cache, settings)
+    if found is not None:
+        return found
     try:
         return resolve_cache_dir(cache)
     except UserError:
-        raise UserError(f"{cache} holds no crop cache for {cfg.name}'s data settings "
-                        f"({keyed.name}); pass --data DATA to prepare it, or run 'spinegrade "
+        raise UserError(f"{cache} holds no {settings['condition']} crop cache for {cfg.name}'s "
+                        "data settings; pass --data DATA to prepare it, or run 'spinegrade "
                         f"prepare DATA --out {cache} --config <{cfg.name}'s config>'") from None
 
 
@@ -301,8 +299,8 @@ def paired_differences(group: Sequence[PlannedRun], reference: Sequence[PlannedR
         return None
     both = pd.concat(parts, ignore_index=True)
     y = both["label"].to_numpy(dtype=np.int64)
-    pa = both[PROBS].to_numpy()
-    pb = both[[f"{c}_ref" for c in PROBS]].to_numpy()
+    pa = both[list(CLASS_PROB_COLUMNS)].to_numpy()
+    pb = both[[f"{c}_ref" for c in CLASS_PROB_COLUMNS]].to_numpy()
     study = both["study_id"].to_numpy()
     return {"ba": paired_difference(_ba(y, pa), _ba(y, pb), study),
             "wlogloss": paired_difference(_wlogloss(y, pa), _wlogloss(y, pb), study)}
@@ -325,8 +323,8 @@ def _final_bas(group: Sequence[PlannedRun], recorded: Sequence[float]) -> list[f
     for run, ba in zip(group, recorded, strict=True):
         oof = _oof(run)
         if oof is not None:
-            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), oof[PROBS].to_numpy())(
-                np.ones(len(oof))))
+            probs = oof[list(CLASS_PROB_COLUMNS)].to_numpy()
+            out.append(_ba(oof["label"].to_numpy(dtype=np.int64), probs)(np.ones(len(oof))))
         elif not np.isnan(ba):
             out.append(ba)
     return out

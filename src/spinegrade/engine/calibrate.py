@@ -33,7 +33,7 @@ import pandas as pd
 
 from spinegrade import calibration as C
 from spinegrade.config import Config
-from spinegrade.constants import CLASS_NAMES, LEVELS, NUM_CLASSES
+from spinegrade.constants import CLASS_PROB_COLUMNS, LEVELS, NUM_CLASSES
 from spinegrade.engine.priors import default_prior, rows_prior
 from spinegrade.engine.run_folder import write_json
 from spinegrade.errors import UserError
@@ -100,7 +100,7 @@ class RunCalibration:
 
 def oof_arrays(oof: pd.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(probs (n, 3), labels (n,), level index (n,)) of an oof.csv / predictions.csv frame."""
-    probs = oof[[f"prob_{c}" for c in CLASS_NAMES]].to_numpy(dtype=np.float64)
+    probs = oof[list(CLASS_PROB_COLUMNS)].to_numpy(dtype=np.float64)
     levels = oof["level"].map({name: i for i, name in enumerate(LEVELS)})
     if levels.isna().any():
         raise ValueError(f"unknown level names {sorted(set(oof['level'][levels.isna()]))}")

@@ -24,7 +24,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,14 +139,30 @@ def plan_units(config: str | Path, conditions: Sequence[str], out: Path, *,
         raise UserError(f"--folds must be at least 2, got {n_folds}")
     units = []
     for cond in resolve_conditions(conditions):
-        for fold in range(n_folds):
-            for seed in range(base.train.seed, base.train.seed + seeds):
-                cfg = load_config(config, [*overrides, f"data.condition={cond}",
-                                           f"data.folds={n_folds}", f"data.fold={fold}",
-                                           f"train.seed={seed}"], preset=preset)
-                name = f"fold{fold}" if seeds == 1 else f"fold{fold}-seed{seed}"
-                units.append(Unit(cond, fold, seed, cfg, CvFolder(out).runs / cond / name))
+        for fold, seed, cfg, name in fold_seed_runs(
+                config, [*overrides, f"data.condition={cond}", f"data.folds={n_folds}"],
+                range(n_folds), range(base.train.seed, base.train.seed + seeds), preset):
+            units.append(Unit(cond, fold, seed, cfg, CvFolder(out).runs / cond / name))
     return units
+
+
+def fold_seed_runs(config: str | Path, overrides: Sequence[str], folds: Iterable[int],
+                   seeds: range, preset: str | Path | None = None
+                   ) -> list[tuple[int, int, Config, str]]:
+    """``(fold, seed, resolved config, run folder name)`` of every fold x seed of one config.
+
+    The name is ``fold<k>``, or ``fold<k>-seed<s>`` when there are several seeds; the
+    resolved config is ``config`` with ``overrides``, ``data.fold`` and ``train.seed``. Both
+    ``cv`` and ``ablate`` plan their runs with it.
+    """
+    runs = []
+    for fold in folds:
+        for seed in seeds:
+            cfg = load_config(config, [*overrides, f"data.fold={fold}", f"train.seed={seed}"],
+                              preset=preset)
+            name = f"fold{fold}" if len(seeds) == 1 else f"fold{fold}-seed{seed}"
+            runs.append((fold, seed, cfg, name))
+    return runs
 
 
 def select_units(units: Sequence[Unit], only: Sequence[str]) -> list[Unit]:
@@ -303,5 +319,5 @@ def unfinished(units: Sequence[Unit]) -> list[Unit]:
     return [u for u in units if unit_state(u) != "finished"]
 
 
-__all__ = ["CvFolder", "Unit", "plan_units", "prepare_caches", "resolve_conditions",
+__all__ = ["CvFolder", "Unit", "fold_seed_runs", "plan_units", "prepare_caches", "resolve_conditions",
            "select_units", "train_units", "unfinished", "unit_state", "write_plan"]

@@ -10,7 +10,7 @@
   total, each with a 95% bootstrap interval over studies); per condition the final model's
   balanced accuracy, per-class recall and weighted log loss as mean +- std over folds, and
   the best-epoch BA (picked on the fold it is reported on, so optimistic), labelled apart;
-  the calibration fitted on the out-of-fold predictions.
+  the calibration fitted on the condition's pooled out-of-fold predictions.
 - ``ensemble.yaml`` (see :mod:`spinegrade.engine.ensemble`) and ``report.html``.
 """
 
@@ -34,8 +34,16 @@ from spinegrade.competition import (
     solution_from_train,
     study_loss_sums,
 )
-from spinegrade.constants import CLASS_NAMES, LEVELS, NUM_CLASSES, TRAIN_CSV, row_id
+from spinegrade.constants import (
+    CLASS_NAMES,
+    CLASS_PROB_COLUMNS,
+    LEVELS,
+    NUM_CLASSES,
+    TRAIN_CSV,
+    row_id,
+)
 from spinegrade.engine import run_folder as rf
+from spinegrade.engine.calibrate import load_calibration
 from spinegrade.engine.cv import CvFolder, Unit
 from spinegrade.engine.ensemble import Ensemble, EnsembleRun, equal_weights, write_ensemble
 from spinegrade.engine.evaluate import per_level_recall
@@ -46,18 +54,26 @@ from spinegrade.io.atomic import atomic_path, atomic_write_text
 from spinegrade.metrics import sample_weights, summarize
 from spinegrade.report.cv import build_cv_report, cv_markdown
 
-PROBS = [f"prob_{c}" for c in CLASS_NAMES]
+PROBS = list(CLASS_PROB_COLUMNS)
 TOTAL = "total"
 # Per-fold numbers that get a mean +- std over folds.
 FOLD_STATS = ("final_ba", "best_epoch_ba", "weighted_logloss",
               *(f"recall_{c}" for c in CLASS_NAMES))
 
 
-def read_unit_predictions(units: Sequence[Unit]) -> pd.DataFrame:
+def read_run_files(units: Sequence[Unit]
+                   ) -> tuple[dict[str, pd.DataFrame], dict[str, pd.DataFrame]]:
+    """Each unit's oof.csv and metrics.csv, read once, by ``unit.tag``."""
+    oofs = {u.tag: pd.read_csv(RunFolder(u.run_dir).oof) for u in units}
+    metrics = {u.tag: pd.read_csv(RunFolder(u.run_dir).metrics) for u in units}
+    return oofs, metrics
+
+
+def unit_predictions(units: Sequence[Unit], oofs: dict[str, pd.DataFrame]) -> pd.DataFrame:
     """Every unit's oof.csv with ``row_id``, ``condition``, ``fold`` and ``seed`` added."""
     frames = []
     for u in units:
-        f = pd.read_csv(RunFolder(u.run_dir).oof)
+        f = oofs[u.tag].copy()
         f.insert(0, ROW_ID, [row_id(s, u.condition, lv) for s, lv in zip(f["study_id"], f["level"],
                                                                           strict=True)])
         frames.append(f.assign(condition=u.condition, fold=u.fold, seed=u.seed))
@@ -121,18 +137,18 @@ def score_intervals(solution: pd.DataFrame, oof: pd.DataFrame, n_boot: int, seed
     return out
 
 
-def _best_epoch_ba(unit: Unit) -> tuple[float, int]:
-    metrics = pd.read_csv(RunFolder(unit.run_dir).metrics)
+def _best_epoch_ba(metrics: pd.DataFrame) -> tuple[float, int]:
     best = int(metrics["balanced_accuracy"].astype(float).idxmax())
     return float(metrics.loc[best, "balanced_accuracy"]), int(metrics.loc[best, "epoch"])
 
 
-def fold_summary(units: Sequence[Unit], preds: pd.DataFrame) -> dict:
+def fold_summary(units: Sequence[Unit], preds: pd.DataFrame, metrics: dict[str, pd.DataFrame]
+                 ) -> dict:
     """One fold of one condition: the final model's metrics (seeds averaged) and best epochs."""
     y = preds["label"].to_numpy(dtype=np.int64)
     p = preds[PROBS].to_numpy()
     m = summarize(y, p)
-    best = [_best_epoch_ba(u) for u in units]
+    best = [_best_epoch_ba(metrics[u.tag]) for u in units]
     levels = np.array([LEVELS.index(lv) for lv in preds["level"]])
     out = {"fold": units[0].fold, "seeds": [u.seed for u in units], "n": m["n_samples"],
            "final_checkpoint": [RunFolder(u.run_dir).final_checkpoint() for u in units],
@@ -153,30 +169,44 @@ def fit_oof_calibration(labels: np.ndarray, probs: np.ndarray, studies: np.ndarr
     return cal.to_dict()
 
 
-def condition_summary(cond: str, units: Sequence[Unit], folds: pd.DataFrame, n_prior: int
-                      ) -> dict:
-    """Per fold and over folds, for one condition."""
+def condition_summary(cond: str, units: Sequence[Unit], folds: pd.DataFrame, n_prior: int,
+                      metrics: dict[str, pd.DataFrame]) -> dict:
+    """Per fold and over folds, for one condition.
+
+    Its calibration is fitted on the condition's out-of-fold rows of every fold pooled (seeds
+    averaged): one calibration for the cross-validated model as a whole, which no run's own
+    calibration.json (fitted on that run's validation fold only) can stand in for.
+    """
     mine = folds[folds["condition"] == cond]
     per_fold = []
     for fold in sorted({u.fold for u in units if u.condition == cond}):
         fold_units = [u for u in units if u.condition == cond and u.fold == fold]
-        per_fold.append(fold_summary(fold_units, mine[mine["fold"] == fold]))
+        per_fold.append(fold_summary(fold_units, mine[mine["fold"] == fold], metrics))
     return {"folds": per_fold, **{k: mean_std([f[k] for f in per_fold]) for k in FOLD_STATS},
             "n_rows_model": len(mine), "n_rows_prior": n_prior,
             "calibration": fit_oof_calibration(mine["label"].to_numpy(), mine[PROBS].to_numpy(),
                                                mine["study_id"].to_numpy())}
 
 
-def build_ensemble(units: Sequence[Unit], localizer: str | None, conditions: dict) -> Ensemble:
+def run_calibration(unit: Unit, oof: pd.DataFrame, checkpoint: str) -> dict:
+    """The run's own calibration: its calibration.json when that was fitted on
+    ``checkpoint`` (what oof.csv scores), else a temperature fitted on ``oof`` here."""
+    stored = load_calibration(RunFolder(unit.run_dir))
+    if stored is not None and stored.checkpoint == checkpoint:
+        return stored.calibration.to_dict()
+    return fit_oof_calibration(oof["label"].to_numpy(), oof[PROBS].to_numpy(),
+                               oof["study_id"].to_numpy())
+
+
+def build_ensemble(units: Sequence[Unit], localizer: str | None, conditions: dict,
+                   oofs: dict[str, pd.DataFrame]) -> Ensemble:
     """Every unit's run with an equal share of its condition's weight and its own calibration."""
     weights = equal_weights([u.condition for u in units])
     runs = []
     for u in units:
-        oof = pd.read_csv(RunFolder(u.run_dir).oof)
+        checkpoint = RunFolder(u.run_dir).final_checkpoint()
         runs.append(EnsembleRun(u.run_dir, u.condition, u.fold, u.seed, weights[u.condition],
-                                RunFolder(u.run_dir).final_checkpoint(),
-                                fit_oof_calibration(oof["label"].to_numpy(), oof[PROBS].to_numpy(),
-                                                    oof["study_id"].to_numpy())))
+                                checkpoint, run_calibration(u, oofs[u.tag], checkpoint)))
     return Ensemble(tuple(runs), units[0].cfg.name, localizer,
                     {c: {"calibration": s["calibration"]} for c, s in conditions.items()})
 
@@ -192,13 +222,15 @@ def collect(units: Sequence[Unit], data_dir: Path, folder: CvFolder, *, localize
             n_boot: int = N_BOOT, seed: int = SEED) -> dict:
     """Write oof.csv, cv.json, cv.md, ensemble.yaml and report.html from finished units."""
     solution = solution_from_train(_read_train_csv(Path(data_dir)))
-    folds = fold_predictions(read_unit_predictions(units))
+    oofs, metrics = read_run_files(units)
+    folds = fold_predictions(unit_predictions(units, oofs))
     oof, source = assemble_oof(solution, folds, units[0].cfg.predict.prior_reweight)
     oof = write_oof(folder.oof, oof)
     meta = parse_row_ids(solution[ROW_ID])
     conditions = list(dict.fromkeys(u.condition for u in units))
     per_condition = {c: condition_summary(c, units, folds, int(((meta["condition"] == c).to_numpy()
-                                                                & (source == "prior")).sum()))
+                                                                & (source == "prior")).sum()),
+                                                 metrics)
                      for c in conditions}
     summary = {"config": units[0].cfg.name, "data": str(Path(data_dir).resolve()),
                "folds": units[0].cfg.data.folds, "split_seed": units[0].cfg.data.split_seed,
@@ -209,9 +241,8 @@ def collect(units: Sequence[Unit], data_dir: Path, folder: CvFolder, *, localize
                "runs": [{"tag": u.tag, "run_dir": str(u.run_dir)} for u in units]}
     rf.write_json(folder.cv_json, summary)
     atomic_write_text(folder.cv_md, cv_markdown(summary))
-    write_ensemble(folder.ensemble, build_ensemble(units, localizer, per_condition))
-    curves = {(u.condition, u.fold, u.seed): pd.read_csv(RunFolder(u.run_dir).metrics)
-              for u in units}
+    write_ensemble(folder.ensemble, build_ensemble(units, localizer, per_condition, oofs))
+    curves = {(u.condition, u.fold, u.seed): metrics[u.tag] for u in units}
     build_cv_report(folder.report, summary, curves)
     return summary
 

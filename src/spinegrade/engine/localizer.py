@@ -124,6 +124,9 @@ class _TaskRun:
     best: float = float("inf")
     start_epoch: int = 1
     progress: bool = False
+    # Held-out errors of the best epoch trained in this call (None: it was trained before a
+    # resume, and only its checkpoint is left).
+    best_errors: pd.DataFrame | None = None
 
 
 def _setup_task(cfg: Config, task: LocalizerTask, folder: LocalizerTaskFolder, resume: bool
@@ -200,6 +203,8 @@ def _run_epoch(run: _TaskRun, train: Sequence[SeriesLabels], val: Sequence[Serie
     score = selection_score(errors)
     improved = score < run.best or not val
     run.best = min(run.best, score)
+    if improved:
+        run.best_errors = errors
     overall = summarize_errors(errors).iloc[-1] if not errors.empty else {}
     val_stats = {k: float(overall.get(k, math.nan)) for k in
                  ("median_mm", "p90_mm", "slice_within1", "wrong_disc_rate")}
@@ -228,15 +233,20 @@ def fit_task(cfg: Config, task: LocalizerTask, train: Sequence[SeriesLabels],
     """Train one task's network; keep the checkpoint with the best held-out score.
 
     Returns:
-        Held-out keypoint errors of the best checkpoint (see ``metrics.keypoint_errors``).
+        Held-out keypoint errors of the best checkpoint (see ``metrics.keypoint_errors``):
+        those its epoch measured, or, when that epoch ran before a resume, measured again.
     """
     run = _setup_task(cfg, task, LocalizerTaskFolder(out), resume)
     run.progress = progress
     for epoch in range(run.start_epoch, cfg.localizer.epochs + 1):
         _run_epoch(run, train, val, epoch)
+    if not val:
+        return pd.DataFrame()
+    if run.best_errors is not None:
+        return run.best_errors
     best = read_checkpoint(run.folder.checkpoint("best"), kind=LOCALIZER, map_location=run.device)
     run.model.load_state_dict(best.model)
-    return evaluate(run.model, val, task, cfg.localizer, run.device) if val else pd.DataFrame()
+    return evaluate(run.model, val, task, cfg.localizer, run.device)
 
 
 def _train_task(cfg: Config, folder: LocalizerFolder, desc: str, data_dir: Path,

@@ -23,7 +23,7 @@ import pandas as pd
 
 from spinegrade.choices import CHECKPOINT_NAMES
 from spinegrade.config import CONFIG_FILE, Config, config_from_dict, config_to_dict
-from spinegrade.constants import CLASS_NAMES, LEVELS
+from spinegrade.constants import CLASS_PROB_COLUMNS, LEVELS
 from spinegrade.errors import UserError
 from spinegrade.io.atomic import atomic_path, atomic_write_text
 
@@ -216,8 +216,8 @@ def predictions_frame(pred: dict[str, np.ndarray], index: pd.DataFrame) -> pd.Da
     meta = index.set_index("row").loc[pred["row"]]
     frame = pd.DataFrame({"row": pred["row"], "study_id": meta["study_id"].to_numpy(),
                           "level": [LEVELS[i] for i in pred["level"]], "label": pred["label"]})
-    for k, c in enumerate(CLASS_NAMES):
-        frame[f"prob_{c}"] = pred["probs"][:, k]
+    for k, col in enumerate(CLASS_PROB_COLUMNS):
+        frame[col] = pred["probs"][:, k]
     return frame
 
 
