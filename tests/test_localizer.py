@@ -14,6 +14,7 @@ from spinegrade.config import LocalizerConfig
 from spinegrade.constants import CONDITION_SERIES, CONDITIONS, LEVELS
 from spinegrade.data import localizer as D
 from spinegrade.engine import localize as L
+from spinegrade.engine.run_folder import LOCALIZER, read_checkpoint
 from spinegrade.engine.split import holdout_split
 from spinegrade.losses import focal_heatmap_loss
 from spinegrade.metrics import keypoint_errors, selection_score, summarize_errors
@@ -152,7 +153,7 @@ def test_train_localizer_cli_end_to_end(synth_dir, tmp_path, capsys):
 
     out = tmp_path / "loc"
     args = ["train-localizer", "--data", str(synth_dir), "--out", str(out), "--no-progress"]
-    for o in TINY:
+    for o in [*TINY, "localizer.val_from_epoch=3"]:
         args += ["--set", o]
     assert main(args) == 0
     printed = capsys.readouterr().out
@@ -166,8 +167,14 @@ def test_train_localizer_cli_end_to_end(synth_dir, tmp_path, capsys):
     # Four epochs on nine studies: a loose bound; the full-size check is in docs/predict.md.
     assert overall["slice_within1"] >= 0.5
     assert np.isfinite(overall["median_mm"])
+    # val_from_epoch=3: epochs 1 and 2 are not judged (infinite score), 3 and 4 are, and the
+    # best checkpoint is one of those.
+    history = pd.read_csv(task / "metrics.csv")
+    assert np.isinf(history["val_score_mm"][:2]).all()
+    assert np.isfinite(history["val_score_mm"][2:]).all()
+    assert read_checkpoint(task / "checkpoints/best.pt", kind=LOCALIZER).epoch >= 3
     # The held-out errors written are the best epoch's (the lowest selection score logged).
-    best_score = pd.read_csv(task / "metrics.csv")["val_score_mm"].min()
+    best_score = history["val_score_mm"].min()
     errors = pd.read_csv(task / "val_predictions.csv")
     assert selection_score(errors) == pytest.approx(best_score, rel=1e-9)
     # Running again resumes from last.pt (weights_only=True; nothing left to train) and
@@ -427,9 +434,11 @@ def test_sagittal_t1_votes_on_the_level_of_each_t2_disc():
     cand = dec.DiscCandidate((9, 12), 1, np.array([0.0, -0.5, 24.5]), 24.5, 0.5,
                              np.array([0.5, 0.1, 0.0, 0.0, 0.0]))
     (fused,) = vote([cand])
-    # Left side votes (0, 0.8, 0, 0, 0), right side nothing: mean (0, 0.4, 0, 0, 0); averaged
-    # with the T2 scores: (0.25, 0.25, 0, 0, 0), a disc with probability 0.25 + 0.25.
-    np.testing.assert_allclose(fused.levels, [0.25, 0.25, 0.0, 0.0, 0.0])
+    # Left side votes (0, 0.8, 0, 0, 0), right side nothing: mean (0, 0.4, 0, 0, 0), level
+    # shares (0, 1, 0, 0, 0). The T2 shares are (5/6, 1/6, 0, 0, 0); their average
+    # (5/12, 7/12, 0, 0, 0) times the T2 disc probability 0.5 is (0.2083, 0.2917, 0, 0, 0):
+    # T1 moves the level towards L2/L3 but leaves the disc probability to T2.
+    np.testing.assert_allclose(fused.levels, [0.5 * 5 / 12, 0.5 * 7 / 12, 0.0, 0.0, 0.0])
     assert fused.disc == pytest.approx(0.5)
     # A candidate without geometry is left as it is.
     blind = dataclasses.replace(cand, point=np.full(3, np.nan))

@@ -190,6 +190,7 @@ RULES: dict[str, Rule] = {
     "localizer.min_lr": at_least(0, "1e-6"),
     "localizer.weight_decay": at_least(0, "1e-4"),
     "localizer.val_fraction": between(0, 1, "0.2", open_hi=True),
+    "localizer.val_from_epoch": at_least(1, "1"),
     "localizer.seed": at_least(0, "42"),
     "localizer.refine_radius": at_least(0, "2"),
     "localizer.min_score": FRACTION,

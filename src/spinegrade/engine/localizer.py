@@ -199,9 +199,11 @@ def _run_epoch(run: _TaskRun, train: Sequence[SeriesLabels], val: Sequence[Serie
     label = f"{run.task.name} epoch {epoch}/{lcfg.epochs}"
     loss = train_one_epoch(run.model, loader, run.optimizer, run.device,
                            label if run.progress else None)
-    errors = evaluate(run.model, val, run.task, lcfg, run.device) if val else pd.DataFrame()
+    # The last epoch is always judged, so a best checkpoint exists whatever val_from_epoch.
+    judged = bool(val) and epoch >= min(lcfg.val_from_epoch, lcfg.epochs)
+    errors = evaluate(run.model, val, run.task, lcfg, run.device) if judged else pd.DataFrame()
     score = selection_score(errors)
-    improved = score < run.best or not val
+    improved = (judged and score < run.best) or not val
     run.best = min(run.best, score)
     if improved:
         run.best_errors = errors
@@ -219,6 +221,10 @@ def _run_epoch(run: _TaskRun, train: Sequence[SeriesLabels], val: Sequence[Serie
 
 def epoch_summary(row: dict) -> str:
     """One ``metrics.csv`` row as a log line in which every number is named."""
+    if not math.isfinite(row["val_score_mm"]):
+        return (f"train loss {row['train_loss']:.4f}; held-out: not evaluated this epoch "
+                f"(localizer.val_from_epoch); {row['samples']} samples in "
+                f"{row['seconds']:.0f} s")
     return (f"train loss {row['train_loss']:.4f}; held-out: median point error "
             f"{row['val_median_mm']:.2f} mm, 90th percentile {row['val_p90_mm']:.2f} mm, "
             f"slice within +-1 {row['val_slice_within1']:.3f}, wrong disc "
