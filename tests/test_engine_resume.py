@@ -14,7 +14,7 @@ import torch
 
 from engine_fixtures import cli_args, make_cache
 from spinegrade.engine.checkpoint import load_checkpoint
-from spinegrade.engine.train import KILL_ENV
+from spinegrade.engine.train import INTERRUPT_ENV, KILL_ENV
 
 
 def _argv(cache, out, *extra) -> list[str]:
@@ -29,18 +29,10 @@ def _train(cache, out, *extra, env=None, argv=None):
 
 
 def _interrupt_during_epoch(cache, out, epoch: int) -> subprocess.CompletedProcess:
-    """Ctrl-C (SIGINT) while epoch ``epoch`` trains: sent when the previous epoch's line is
-    printed, i.e. after its checkpoints are written."""
-    cmd = [sys.executable, "-m", "spinegrade.cli", *_argv(cache, out)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    out_lines = []
-    for line in proc.stdout:
-        out_lines.append(line)
-        if line.startswith(f"epoch {epoch - 1:3d}/"):
-            proc.send_signal(signal.SIGINT)
-            break
-    stdout, stderr = proc.communicate(timeout=600)
-    return subprocess.CompletedProcess(cmd, proc.returncode, "".join(out_lines) + stdout, stderr)
+    """Ctrl-C (SIGINT) as epoch ``epoch`` starts: the process signals itself right after the
+    previous epoch's checkpoints are written (``INTERRUPT_ENV``); a signal sent from here on
+    reading that epoch's line could arrive after a tiny run had already finished."""
+    return _train(cache, out, env={INTERRUPT_ENV: str(epoch - 1)})
 
 
 def _assert_same_state(a: dict, b: dict) -> None:

@@ -57,6 +57,9 @@ log = logging.getLogger(__name__)
 
 # Test hook: SIGKILL this process right after epoch N's checkpoints are written.
 KILL_ENV = "SPINEGRADE_KILL_AFTER_EPOCH"
+# Tests: Ctrl-C (SIGINT to this process) after this epoch's checkpoints, deterministic where a
+# signal sent from outside races a tiny run to its end.
+INTERRUPT_ENV = "SPINEGRADE_INTERRUPT_AFTER_EPOCH"
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
@@ -332,6 +335,8 @@ def _run_epoch(t: Trainer, epoch: int) -> None:
     if os.environ.get(KILL_ENV) == str(epoch):
         dist_util.barrier()
         os.kill(os.getpid(), signal.SIGKILL)
+    if os.environ.get(INTERRUPT_ENV) == str(epoch):
+        os.kill(os.getpid(), signal.SIGINT)
 
 
 def _wrap_ddp(model: nn.Module, s: Settings) -> nn.Module:
@@ -497,4 +502,4 @@ def _print_summary(summary: dict) -> None:
           "predict use it by default)", flush=True)
 
 
-__all__ = ["fit", "train_one_epoch", "evaluate", "KILL_ENV", "UserError"]
+__all__ = ["fit", "train_one_epoch", "evaluate", "KILL_ENV", "INTERRUPT_ENV", "UserError"]
