@@ -49,7 +49,7 @@ from spinegrade.competition import (
     solution_from_train,
 )
 from spinegrade.config import load_config
-from spinegrade.constants import CONDITION_GROUPS, CONDITIONS
+from spinegrade.constants import CLASS_PROB_COLUMNS, CONDITION_GROUPS, CONDITIONS
 from spinegrade.engine.run_folder import PREDICTIONS_FILE
 
 GROUP_PARTS = ("spinal", "foraminal", "subarticular", "any_severe_spinal", "score")
@@ -197,7 +197,7 @@ def pooled_ground_truth(gt: dict[str, dict]) -> dict:
     """Competition parts of all ground-truth-crop predictions together (groups pooled)."""
     frames = [pd.read_csv(g["predictions"]).assign(condition=g["condition"]) for g in gt.values()]
     df = pd.concat(frames, ignore_index=True)
-    probs = df[[c for c in df.columns if c.startswith("prob_")]].to_numpy()
+    probs = df[list(CLASS_PROB_COLUMNS)].to_numpy()
     return condition_score(df["study_id"].tolist(), df["level"].tolist(), df["label"].tolist(),
                            probs, df["condition"].tolist())
 

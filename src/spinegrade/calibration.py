@@ -346,13 +346,14 @@ def _select_stages(z: np.ndarray, y: np.ndarray, w: np.ndarray, prior: np.ndarra
     kept: tuple[str, ...] = ()
     best = sample_nll(softmax(z), y)
     scores = {"identity": weighted_mean(best, w)}
+    best_score = scores["identity"]
     for name in (s for s in STAGES if s in wanted):
         trial = losses((*kept, name))
         scores[name] = weighted_mean(trial, w)
         margin = MIN_IMPROVEMENT if fold is None else max(
             MIN_IMPROVEMENT, _standard_error(best - trial, w, groups))
-        if scores[name] < weighted_mean(best, w) - margin:
-            kept, best = (*kept, name), trial
+        if scores[name] < best_score - margin:
+            kept, best, best_score = (*kept, name), trial, scores[name]
     return kept, scores
 
 
