@@ -30,6 +30,7 @@ SECTIONS = {
     "config": {"data", "model", "loss", "train", "eval", "localizer", "predict"},
     "ablate": {"data", "model", "loss", "train", "eval"},
     "cv": {"data", "model", "loss", "train", "eval"},
+    "calibrate": {"eval", "predict"},
 }
 
 
@@ -86,7 +87,7 @@ def _stub(name: str) -> str:
     """Required arguments for a command line built from a help's ``--set`` example."""
     return {"prepare": "DATA --out CACHE", "train": "--cache C --out R",
             "train-localizer": "--data D --out L", "predict": "--localizer L D",
-            "cv": "--data D --out CV"}.get(name, "")
+            "cv": "--data D --out CV", "calibrate": "RUN"}.get(name, "")
 
 
 def _resolve(args) -> None:

@@ -26,6 +26,7 @@ COMMANDS: tuple[str, ...] = (
     "gallery",
     "train",
     "evaluate",
+    "calibrate",
     "train_localizer",
     "predict",
     "score",

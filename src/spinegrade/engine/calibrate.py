@@ -32,10 +32,12 @@ import numpy as np
 import pandas as pd
 
 from spinegrade import calibration as C
-from spinegrade.config import Config
+from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_PROB_COLUMNS, LEVELS, NUM_CLASSES
+from spinegrade.data.cache import CropCache
 from spinegrade.engine.priors import default_prior, rows_prior
-from spinegrade.engine.run_folder import write_json
+from spinegrade.engine.rerun import check_cache_unchanged
+from spinegrade.engine.run_folder import RunFolder, write_json, write_report
 from spinegrade.errors import UserError
 from spinegrade.metrics import sample_weights
 
@@ -170,6 +172,52 @@ def calibrate_after_training(cfg: Config, run: Any, index: pd.DataFrame, checkpo
         log.warning("could not calibrate %s: %s", run.root, e)
         return None
     print(format_calibration(rc), flush=True)
+    return rc
+
+
+# What `spinegrade calibrate` may override: how the calibration is fitted, nothing else.
+RECALIBRATE_KEYS = ("eval.calibration", "eval.calibration_prior_mix", "eval.calibration_bins",
+                    "eval.calibration_folds", "predict.prior_reweight")
+
+
+def recalibrate(run_dir: str | Path, overrides: Sequence[str] = (),
+                cache: str | Path | None = None) -> RunCalibration:
+    """Refit a finished run's calibration on its ``oof.csv``, without retraining.
+
+    The run's saved config with ``overrides`` (only :data:`RECALIBRATE_KEYS`) says how; the
+    crop cache (``run.json``'s, or ``cache``) gives the training labels of the prior. Writes
+    ``calibration.json`` (what ``evaluate`` and ``predict`` apply), updates ``final.json``'s
+    ``calibration`` and rebuilds ``report.html``; the config.yaml of the training is kept.
+
+    Raises:
+        UserError: not a finished run, an override of another key, or no readable cache.
+    """
+    run = RunFolder(Path(run_dir))
+    for path in (run.config, run.final, run.oof):
+        if not path.is_file():
+            raise UserError(f"{path} is missing: {run.root} is not a finished training run "
+                            "(train it first, or give the folder `spinegrade train --out` made)")
+    other = [o for o in overrides if o.split("=", 1)[0].strip() not in RECALIBRATE_KEYS]
+    if other:
+        raise UserError(f"calibrate only changes {', '.join(RECALIBRATE_KEYS)}; not {other[0]!r}")
+    cfg = load_config(run.config, list(overrides))
+    cache_dir = cache or run.read_info().get("cache")
+    if not cache_dir:
+        raise UserError(f"{run.run_info} does not name the training cache; pass --cache")
+    try:
+        crops = CropCache.open(cache_dir)
+    except OSError as e:
+        raise UserError(f"cannot read the training cache {cache_dir} ({e}); pass --cache "
+                        "with the cache the run was trained on") from None
+    check_cache_unchanged(run, crops)
+    index = crops.index
+    rc = calibrate_after_training(cfg, run, index, run.final_checkpoint())
+    if rc is None:
+        raise UserError(f"could not calibrate {run.root} (see the warning above)")
+    final = json.loads(run.final.read_text())
+    final["calibration"] = rc.calibration.to_dict()
+    write_json(run.final, final)
+    write_report(run)
     return rc
 
 
