@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.eval_only:
         train_localizer(cfg, train_dir, run_dir, resume=False, progress=args.progress)
     train_s, train_cpu = time.perf_counter() - start, _cpu_seconds() - cpu0
-    errors = _test_errors(LocalizerRun.load(run_dir, "cpu"), test_dir)
+    errors = _test_errors(LocalizerRun.load(run_dir, "cpu", cfg.predict.localizer_shifts), test_dir)
     errors.to_csv(work / "test_errors.csv", index=False)  # one row per test point
     table = localization_summary(errors)
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))

@@ -443,3 +443,41 @@ def test_sagittal_t1_votes_on_the_level_of_each_t2_disc():
     # A candidate without geometry is left as it is.
     blind = dataclasses.replace(cand, point=np.full(3, np.nan))
     assert vote([blind])[0] is blind
+
+
+def test_shift_rows_by_hand():
+    x = np.arange(12, dtype=np.float32).reshape(1, 4, 3)
+    np.testing.assert_array_equal(L.shift_rows(x, 1)[0], [[0, 0, 0], [0, 1, 2], [3, 4, 5], [6, 7, 8]])
+    np.testing.assert_array_equal(L.shift_rows(x, -2)[0], [[6, 7, 8], [9, 10, 11], [0, 0, 0], [0, 0, 0]])
+    np.testing.assert_array_equal(L.shift_rows(x, 0), x)
+    lcfg = dataclasses.replace(LocalizerConfig(), img_size=128, heatmap_stride=4)
+    # 0.125 x 128 = 16 px = 4 cells; 0.1 x 128 = 12.8 px -> 3 cells = 12 px.
+    assert L.shift_pixels(lcfg, (0.0, 0.125, -0.1)) == (0, 16, -12)
+
+
+class _PoolModel(torch.nn.Module):
+    """Heatmaps = the first input channel average-pooled by ``stride`` (translation
+    equivariant by whole cells), plus a constant channel."""
+
+    def __init__(self, stride: int):
+        super().__init__()
+        self.stride = stride
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pooled = torch.nn.functional.avg_pool2d(x[:, :1], self.stride)
+        return torch.cat([torch.logit(pooled.clamp(1e-4, 1 - 1e-4)), torch.full_like(pooled, 2.0)], 1)
+
+
+def test_shifted_views_average_back_onto_the_same_cells():
+    """An equivariant network gives the same heatmaps with and without shifted framings
+    (moved back exactly); a constant one stays constant at the edges a view did not see
+    (averaged over the views that saw each cell, not diluted by the zeros shifted in)."""
+    series = _series(n=3, size=32)
+    rng = np.random.default_rng(0)
+    series = dataclasses.replace(series, images=rng.integers(0, 255, (3, 32, 32)).astype(np.uint8))
+    model = _PoolModel(stride=4)
+    one = L.heatmaps(model, series, 0, torch.device("cpu")).numpy()
+    three = L.heatmaps(model, series, 0, torch.device("cpu"), shifts=(0, 8, -8)).numpy()
+    assert three.shape == one.shape == (3, 2, 8, 8)
+    np.testing.assert_allclose(three, one, atol=1e-5)
+    np.testing.assert_allclose(three[:, 1], 1 / (1 + np.exp(-2.0)), atol=1e-6)

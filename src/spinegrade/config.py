@@ -301,6 +301,10 @@ class PredictConfig:
     # used, and a condition whose located discs are no lumbar disc chain (or disagree across
     # series) is not graded: its rows get the prior, with the reason in problems.csv.
     check_anatomy: bool = True
+    # Framings the localizer's heatmaps are averaged over: row shifts of its input as
+    # fractions of the image side (moved back by whole heatmap cells); (0,) is one view.
+    # Which disc is which can hinge on what sits at the image edge (docs/localizer.md).
+    localizer_shifts: tuple[float, ...] = (0.0, 0.125, -0.125)
     device: str = "auto"
     figures: bool = True
 

@@ -198,6 +198,10 @@ RULES: dict[str, Rule] = {
     "predict.min_location_score": Rule(lambda v: _num(v) and v <= 1,
                                        "a number <= 1 (< 0: the localizer run's min_score)",
                                        "0.05"),
+    "predict.localizer_shifts": Rule(lambda v: isinstance(v, tuple | list) and len(v) > 0
+                                     and all(_num(x) and abs(x) < 0.5 for x in v),
+                                     "fractions of the image side in (-0.5, 0.5), at least one",
+                                     "[0,0.125,-0.125]"),
     "predict.prior_mix": Rule(lambda v: _num(v) and v <= 1,
                               "a number <= 1 (< 0: the weight each run chose out of fold)",
                               "0.1"),

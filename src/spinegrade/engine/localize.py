@@ -90,16 +90,47 @@ def build_localizer(lcfg: LocalizerConfig, task: LocalizerTask, for_inference: b
         pretrained_path="" if for_inference else lcfg.pretrained_path)
 
 
+def shift_rows(x: np.ndarray, dy: int) -> np.ndarray:
+    """``x`` (..., h, w) moved ``dy`` rows down (up when negative); zeros move in."""
+    out = np.zeros_like(x)
+    h = x.shape[-2]
+    if dy >= 0:
+        out[..., dy:, :] = x[..., :h - dy, :]
+    else:
+        out[..., :dy, :] = x[..., -dy:, :]
+    return out
+
+
+def shift_pixels(lcfg: LocalizerConfig, fractions: Sequence[float]) -> tuple[int, ...]:
+    """Row shifts given as fractions of the image side -> pixels, whole heatmap cells."""
+    s = lcfg.heatmap_stride
+    return tuple(int(round(f * lcfg.img_size / s)) * s for f in fractions)
+
+
 @torch.no_grad()
 def heatmaps(model: HeatmapLocalizer, series: PreparedSeries, n_context: int,
-             device: torch.device, batch_size: int = 16) -> torch.Tensor:
-    """Sigmoid heatmaps of every slice, (n, K, h, w) float32 on the CPU."""
+             device: torch.device, batch_size: int = 16, shifts: Sequence[int] = (0,)
+             ) -> torch.Tensor:
+    """Sigmoid heatmaps of every slice, (n, K, h, w) float32 on the CPU.
+
+    With several ``shifts`` (input rows, multiples of the heatmap stride): the mean over
+    those framings of the input, each heatmap moved back, over the views that saw the cell.
+    Framing decides which discs sit near the image edge, and with them the level evidence
+    of a study the network is unsure of (``predict.localizer_shifts``).
+    """
     model.eval()
     out = []
     for start in range(0, len(series), batch_size):
         x = np.stack([slice_input(series, j, n_context)
                       for j in range(start, min(start + batch_size, len(series)))])
-        out.append(torch.sigmoid(model(torch.from_numpy(x).to(device)).float()).cpu())
+        total, seen = 0.0, 0.0
+        for dy in shifts:
+            view = torch.from_numpy(shift_rows(x, dy)).to(device)
+            hm = torch.sigmoid(model(view).float()).cpu().numpy()
+            cells = dy // (x.shape[-2] // hm.shape[-2])
+            total = total + shift_rows(hm, -cells)
+            seen = seen + shift_rows(shift_rows(np.ones(hm.shape[-2:], np.float32), cells), -cells)
+        out.append(torch.from_numpy((total / np.maximum(seen, 1.0)).astype(np.float32)))
     return torch.cat(out)
 
 
@@ -338,7 +369,7 @@ def _best_rows(rows: Iterable[dict]) -> list[dict]:
 
 def locate_study(models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]],
                  series: Iterable[tuple[str, PreparedSeries]], lcfg: LocalizerConfig,
-                 device: torch.device) -> pd.DataFrame:
+                 device: torch.device, shifts: Sequence[int] = (0,)) -> pd.DataFrame:
     """Locate every keypoint of every task in one study's series (see the module docstring).
 
     Args:
@@ -347,6 +378,7 @@ def locate_study(models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]],
             multi-stack series is its own entry.
         lcfg: localizer config.
         device: where the networks run.
+        shifts: framings averaged (:func:`heatmaps`).
 
     Returns:
         One row per keypoint found, ``LOCATED_COLUMNS``.
@@ -356,7 +388,7 @@ def locate_study(models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]],
     for desc, prep in series:
         if desc in by_desc:
             task, model = by_desc[desc]
-            hm = heatmaps(model, prep, lcfg.n_context_slices, device).numpy()
+            hm = heatmaps(model, prep, lcfg.n_context_slices, device, shifts=shifts).numpy()
             scored.setdefault(desc, []).append(_Scored(desc, prep, task, hm))
     t1 = scored.get(SAGITTAL_T1, [None])[0]
     own = {desc: [_own_rows(sc, lcfg, t1_evidence(t1, lcfg)
@@ -392,10 +424,13 @@ class LocalizerRun:
     lcfg: LocalizerConfig
     models: dict[str, tuple[LocalizerTask, HeatmapLocalizer]]
     device: torch.device
+    shifts: tuple[int, ...] = (0,)
 
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto") -> LocalizerRun:
-        """Load ``best.pt`` (else ``last.pt``) of every task in ``run_dir``.
+    def load(cls, run_dir: str | Path, device: str = "auto", shifts: Sequence[float] = (0.0,)
+             ) -> LocalizerRun:
+        """Load ``best.pt`` (else ``last.pt``) of every task in ``run_dir``; ``shifts`` are
+        the framings averaged as fractions of the image side (``predict.localizer_shifts``).
 
         Raises:
             UserError: the folder holds no localizer checkpoint.
@@ -420,7 +455,7 @@ class LocalizerRun:
         if lcfg is None:
             raise UserError(f"{folder.root}: no localizer checkpoint in any task folder; "
                             "train one with 'spinegrade train-localizer'")
-        return cls(folder.root, lcfg, models, dev)
+        return cls(folder.root, lcfg, models, dev, shift_pixels(lcfg, shifts))
 
     @property
     def series_descriptions(self) -> tuple[str, ...]:
@@ -434,4 +469,4 @@ class LocalizerRun:
 
     def locate(self, series: Iterable[tuple[str, PreparedSeries]]) -> pd.DataFrame:
         """See :func:`locate_study`."""
-        return locate_study(self.models, series, self.lcfg, self.device)
+        return locate_study(self.models, series, self.lcfg, self.device, self.shifts)

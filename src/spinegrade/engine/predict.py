@@ -383,7 +383,7 @@ def predict(
         raise UserError("give either DATA_DIR or --study DIR")
     device = resolve_device(pcfg.device, "predict.device")
     studies, problems = _studies_to_predict(data_dir, study_dir, split)
-    localizer = LocalizerRun.load(localizer_dir, pcfg.device)
+    localizer = LocalizerRun.load(localizer_dir, pcfg.device, pcfg.localizer_shifts)
     classifiers = load_classifiers(classifier_specs, pcfg, device)
     for cond in CONDITIONS:
         if cond not in classifiers:
