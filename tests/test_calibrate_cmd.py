@@ -52,6 +52,7 @@ def test_refit_recovers_the_temperature_and_updates_the_run(run, capsys):
     oof, y = _overconfident_oof(4000, scale=3.0)
     oof.to_csv(run.oof, index=False)
     config_before = run.config.read_bytes()
+    run.report.unlink()  # training wrote one; calibrate must write it again
     assert main(["calibrate", str(run.root), "--set", "eval.calibration=temperature"]) == 0
     assert "calibration.json (temperature" in capsys.readouterr().out
     rc = load_calibration(run)

@@ -34,9 +34,8 @@ import pandas as pd
 from spinegrade import calibration as C
 from spinegrade.config import Config, load_config
 from spinegrade.constants import CLASS_PROB_COLUMNS, LEVELS, NUM_CLASSES
-from spinegrade.data.cache import CropCache
 from spinegrade.engine.priors import default_prior, rows_prior
-from spinegrade.engine.rerun import check_cache_unchanged
+from spinegrade.engine.rerun import open_run_cache
 from spinegrade.engine.run_folder import RunFolder, write_json, write_report
 from spinegrade.errors import UserError
 from spinegrade.metrics import sample_weights
@@ -201,16 +200,11 @@ def recalibrate(run_dir: str | Path, overrides: Sequence[str] = (),
     if other:
         raise UserError(f"calibrate only changes {', '.join(RECALIBRATE_KEYS)}; not {other[0]!r}")
     cfg = load_config(run.config, list(overrides))
-    cache_dir = cache or run.read_info().get("cache")
-    if not cache_dir:
-        raise UserError(f"{run.run_info} does not name the training cache; pass --cache")
     try:
-        crops = CropCache.open(cache_dir)
+        index = open_run_cache(run, cache).index
     except OSError as e:
-        raise UserError(f"cannot read the training cache {cache_dir} ({e}); pass --cache "
+        raise UserError(f"cannot read the training cache of {run.root} ({e}); pass --cache "
                         "with the cache the run was trained on") from None
-    check_cache_unchanged(run, crops)
-    index = crops.index
     rc = calibrate_after_training(cfg, run, index, run.final_checkpoint())
     if rc is None:
         raise UserError(f"could not calibrate {run.root} (see the warning above)")

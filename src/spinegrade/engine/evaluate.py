@@ -11,18 +11,16 @@ import pandas as pd
 
 from spinegrade.competition import condition_score
 from spinegrade.constants import CLASS_NAMES, LEVELS
-from spinegrade.data.cache import CropCache, resolve_cache_dir
 from spinegrade.data.dataset import CropDataset
 from spinegrade.engine import run_folder as rf
 from spinegrade.engine.calibrate import load_calibration
 from spinegrade.engine.distributed import shard
 from spinegrade.engine.loop import Settings, _loader, make_run_model, seed_everything
-from spinegrade.engine.rerun import check_cache_unchanged
+from spinegrade.engine.rerun import open_run_cache
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.split import load_split, rows_for_fold
 from spinegrade.engine.train import evaluate
 from spinegrade.engine.tta import tta_views
-from spinegrade.errors import UserError
 from spinegrade.metrics import summarize
 
 log = logging.getLogger(__name__)
@@ -46,18 +44,12 @@ def per_level_recall(labels: np.ndarray, preds: np.ndarray, levels: np.ndarray) 
 def _rows_to_score(run: RunFolder, cache_arg: str | Path | None, fold: int
                    ) -> tuple[Any, np.ndarray, str]:
     """The cache to read and its rows: the run's validation fold, or all of another cache."""
+    cache = open_run_cache(run, cache_arg)
     run_cache = run.read_info().get("cache")
-    if cache_arg is None:
-        if not run_cache:
-            raise UserError(f"{run.run_info} does not name the training cache; pass --cache")
-        cache_arg = run_cache
-    path = resolve_cache_dir(cache_arg)
-    cache = CropCache.open(path)
-    if run_cache and path.resolve() == Path(run_cache).resolve():
-        check_cache_unchanged(run, cache)
+    if run_cache and Path(cache.path).resolve() == Path(run_cache).resolve():
         _, val_rows = rows_for_fold(cache.index, load_split(run.root), fold)
         return cache, val_rows, f"validation fold {fold}"
-    return cache, cache.index["row"].to_numpy(), f"all of {path}"
+    return cache, cache.index["row"].to_numpy(), f"all of {cache.path}"
 
 
 def evaluate_run(run_dir: str | Path, cache: str | Path | None = None, checkpoint: str = "final",

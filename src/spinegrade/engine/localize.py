@@ -91,7 +91,10 @@ def build_localizer(lcfg: LocalizerConfig, task: LocalizerTask, for_inference: b
 
 
 def shift_rows(x: np.ndarray, dy: int) -> np.ndarray:
-    """``x`` (..., h, w) moved ``dy`` rows down (up when negative); zeros move in."""
+    """``x`` (..., h, w) moved ``dy`` rows down (up when negative); zeros move in.
+    ``dy = 0`` returns ``x`` itself (the one-view path copies nothing)."""
+    if dy == 0:
+        return x
     out = np.zeros_like(x)
     h = x.shape[-2]
     if dy >= 0:

@@ -26,6 +26,7 @@ import pandas as pd
 import yaml
 
 from spinegrade.config import Config, config_to_dict, save_config
+from spinegrade.data.cache import CropCache
 from spinegrade.engine import run_folder as rf
 from spinegrade.engine.run_folder import RunFolder
 from spinegrade.engine.split import save_split
@@ -102,6 +103,21 @@ def check_cache_unchanged(run: RunFolder, cache: Any) -> None:
         raise UserError(f"{run.root}: {why}. Its validation fold and metrics no longer "
                         "describe this cache: prepare the original data again into another "
                         "--out, or retrain (--restart) on the new cache.")
+
+
+def open_run_cache(run: RunFolder, cache: str | Path | None = None) -> CropCache:
+    """The crop cache ``cache``, else the run's own (``run.json``); the run's own is checked
+    unchanged (:func:`check_cache_unchanged`).
+
+    Raises:
+        UserError: no cache given and ``run.json`` names none, or the run's cache changed.
+    """
+    path = cache or run.read_info().get("cache")
+    if not path:
+        raise UserError(f"{run.run_info} does not name the training cache; pass --cache")
+    crops = CropCache.open(path)
+    check_cache_unchanged(run, crops)
+    return crops
 
 
 def decide(run: RunFolder, cfg: Config, cache: Any, *, resume: bool, restart: bool) -> bool:
